@@ -1,0 +1,158 @@
+"""Dense CLIP image encoder: stage 1 of the pipeline (SPEC §1.1).
+
+``encode`` runs the ViT on a batch of crops (positional embedding resized
+bicubically to the crop's grid; blocks 1..L-1 untouched, through torch's fused
+attention) and captures what the later stages need from the last block.
+``dense_features`` then recomputes the last block in the configured dense
+variant (``dense_attention.DENSE_VARIANTS``) to give the patch features X.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from .dense_attention import DENSE_VARIANTS, ProbsHook, dense_attention, gaussian_window
+
+
+@dataclass
+class EncodedCrops:
+    """What ``DenseCLIPEncoder.encode`` captures for B crops (T = 1 + N tokens)."""
+    grid: Tuple[int, int]  # patch grid (h, w), N = h * w
+    block_input: torch.Tensor  # (B, T, C) input of the last block
+    q: torch.Tensor  # (B, H, T, d) last block, per head
+    k: torch.Tensor
+    v: torch.Tensor
+    x_cls: torch.Tensor  # (B, D) projected CLS output of the standard forward
+    attention: Optional[torch.Tensor] = None  # (B, T, T) standard softmax(q k^T), head mean
+    mid_features: Dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (B, N, C)
+
+
+class DenseCLIPEncoder(nn.Module):
+    """Wraps an open_clip ``VisionTransformer`` (weights shared, not copied).
+
+    Args:
+        visual: the CLIP image tower.
+        attention: dense variant of the last block, a key of ``DENSE_VARIANTS``.
+        gaussian_std: std (in patches) of naclip's neighbourhood window.
+    """
+
+    def __init__(self, visual: VisionTransformer, attention: str = 'naclip',
+                 gaussian_std: float = 5.0):
+        super().__init__()
+        if attention not in DENSE_VARIANTS:
+            raise ValueError(f"attention='{attention}' is not a dense variant; "
+                             f'choose one of {sorted(DENSE_VARIANTS)}.')
+        if not gaussian_std > 0:
+            raise ValueError(f'gaussian_std must be > 0, got {gaussian_std}.')
+        self.visual = visual
+        self.variant = DENSE_VARIANTS[attention]
+        self.attention_name = attention
+        self.gaussian_std = float(gaussian_std)
+        self.patch_size = visual.patch_size  # (ph, pw)
+        self.num_blocks = len(visual.transformer.resblocks)
+
+    # -- stage 1: the standard forward, captured -------------------------------------------
+    def encode(self, crops: torch.Tensor, capture_attention: bool = False,
+               mid_layers: Sequence[int] = ()) -> EncodedCrops:
+        """Run the ViT on crops (B, 3, H, W), H and W multiples of the patch size.
+
+        Args:
+            capture_attention: also return the head-averaged standard attention A.
+            mid_layers: 0-based indices of blocks (not the last) whose patch outputs
+                are returned in ``mid_features``.
+        """
+        ph, pw = self.patch_size
+        if crops.shape[-2] % ph or crops.shape[-1] % pw:
+            raise ValueError(f'crop size {tuple(crops.shape[-2:])} is not a multiple of the '
+                             f'patch size {self.patch_size}')
+        grid = (crops.shape[-2] // ph, crops.shape[-1] // pw)
+        blocks = self.visual.transformer.resblocks
+        mid_layers = {self._block_index(layer) for layer in mid_layers}
+
+        x = self._embed(crops, grid)
+        mid_features = {}
+        for index, block in enumerate(blocks[:-1]):
+            x = block(x)
+            if index in mid_layers:
+                mid_features[index] = x[:, 1:]
+        last = blocks[-1]
+        q, k, v = self._qkv(last, x)
+
+        # CLS output of the standard forward: only its query row is needed.
+        cls_heads = F.scaled_dot_product_attention(q[:, :, :1], k, v)
+        cls_token = x[:, :1] + last.ls_1(self._merge_heads(last, cls_heads))
+        cls_token = cls_token + last.ls_2(last.mlp(last.ln_2(cls_token)))
+        x_cls = self.visual.ln_post(cls_token[:, 0]) @ self.visual.proj
+
+        attention = None
+        if capture_attention:
+            logits = (q @ k.transpose(-2, -1)).float() * q.shape[-1]**-0.5
+            attention = logits.softmax(dim=-1).mean(dim=1).to(q.dtype)
+        return EncodedCrops(grid=grid, block_input=x, q=q, k=k, v=v, x_cls=x_cls,
+                            attention=attention, mid_features=mid_features)
+
+    # -- stage 1b: the dense last block ---------------------------------------------------
+    def dense_features(self, encoded: EncodedCrops, logit_bias: Optional[torch.Tensor] = None,
+                       probs_hook: Optional[ProbsHook] = None) -> torch.Tensor:
+        """Patch features X (B, N, D) of the last block recomputed in the dense variant.
+
+        Args:
+            logit_bias: (B, T, T) extra attention logits for every head (stage 2).
+            probs_hook: edits the dense attention P (B, H, T, T) before P @ V (stage 3).
+        """
+        last = self.visual.transformer.resblocks[-1]
+        bias = None if logit_bias is None else logit_bias.unsqueeze(1)
+        if self.variant.gaussian_window:
+            window = gaussian_window(encoded.grid, self.gaussian_std, encoded.q.device,
+                                     encoded.q.dtype)
+            bias = window if bias is None else bias + window
+        heads = dense_attention(self.variant, encoded.q, encoded.k, encoded.v, bias, probs_hook)
+        x = self._merge_heads(last, heads)
+        if self.variant.keep_residual:
+            x = encoded.block_input + last.ls_1(x)
+            x = x + last.ls_2(last.mlp(last.ln_2(x)))
+        return self.visual.ln_post(x[:, 1:]) @ self.visual.proj
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _block_index(self, layer: int) -> int:
+        index = layer + self.num_blocks if layer < 0 else layer
+        if not 0 <= index < self.num_blocks - 1:
+            raise ValueError(f'mid layer {layer} is out of range: the ViT has '
+                             f'{self.num_blocks} blocks and the last one is the dense block; '
+                             f'use 0..{self.num_blocks - 2} (or negative indices).')
+        return index
+
+    def _embed(self, crops: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        visual = self.visual
+        x = visual.conv1(crops).flatten(2).transpose(1, 2)  # (B, N, C)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid).to(x.dtype)
+        return visual.ln_pre(x)
+
+    def positional_embedding(self, grid: Tuple[int, int]) -> torch.Tensor:
+        """(1+N, C) positional embedding for a patch grid, bicubic from the trained grid."""
+        pos = self.visual.positional_embedding
+        native = tuple(self.visual.grid_size)
+        if tuple(grid) == native:
+            return pos
+        patch_pos = pos[1:].reshape(1, *native, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos.float(), size=grid, mode='bicubic',
+                                  align_corners=False).to(pos.dtype)
+        return torch.cat([pos[:1], patch_pos[0].flatten(1).transpose(0, 1)], dim=0)
+
+    @staticmethod
+    def _qkv(block: nn.Module, x: torch.Tensor):
+        attn = block.attn
+        qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+        batch, tokens, _ = qkv.shape
+        qkv = qkv.view(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]  # each (B, H, T, d)
+
+    @staticmethod
+    def _merge_heads(block: nn.Module, heads: torch.Tensor) -> torch.Tensor:
+        batch, _, tokens, _ = heads.shape
+        merged = heads.transpose(1, 2).reshape(batch, tokens, -1)
+        return F.linear(merged, block.attn.out_proj.weight, block.attn.out_proj.bias)

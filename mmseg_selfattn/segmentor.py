@@ -1,0 +1,312 @@
+"""The registered segmentor: wires encoder, stages, classifier and post-processing."""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from mmengine.structures import PixelData
+from mmseg.models.segmentors.base import BaseSegmentor
+from mmseg.registry import MODELS
+from mmseg.structures import SegDataSample
+from torch import Tensor
+
+from .clip_loader import load_clip
+from .encoder import DenseCLIPEncoder
+from .pamr import PAMR
+from .text_classifier import (ClassNames, TextClassifier, parse_class_names,
+                              query_to_class_index, read_class_file)
+
+
+@MODELS.register_module()
+class SelfAttnCLIPSegmentor(BaseSegmentor):
+    """Training-free open-vocabulary segmentor on a frozen CLIP ViT.
+
+    Call graph (SPEC §1-2)::
+
+        predict(): for each image
+            slide_inference(): crops of the window, batched
+                crop_logits(): per batch of crops
+                    1 encoder.encode()            standard forward, captures A, q/k/v, x_cls
+                    2 similarity enhancement      logits bias from mid-layer similarity
+                      encoder.dense_features()    last block in the `attention` variant -> X
+                    3 self-attention enhancement  boosts tokens with a low A_ii
+                    4 outlier suppression         replaces high A[cls,i]/A[i,i] tokens
+                    5 global debias               removes x_cls from X
+                    6 CTD                         cluster-wise x_cls removal
+                    7 classify                    cos(X, text queries), to crop size
+                overlap-average the crops, resize to the original image
+            PAMR (pamr_steps > 0)
+            postprocess_result(): softmax(logit_scale * logits), max over synonyms,
+                area_thd / prob_thd -> bg_idx
+
+    Args:
+        clip: ``dict(arch, pretrained, quick_gelu=None)`` for ``load_clip``.
+        attention: dense variant of the last block (``DENSE_VARIANTS``).
+        gaussian_std: naclip's neighbourhood window std, in patches.
+        name_path: class-name file, one class per line, synonyms separated by ',' / ';'.
+        class_names: the class lines themselves, instead of ``name_path``.
+        slide_crop / slide_stride: sliding window in pixels; ``slide_crop=0`` runs
+            the whole image as one crop.
+        max_crops_per_forward: bounds the crops sent through the ViT at once.
+        logit_scale: temperature of the softmax over queries.
+        prob_thd / area_thd / bg_idx: low-confidence pixels and small classes go to
+            class ``bg_idx``.
+        pamr_steps / pamr_stride: PAMR iterations and dilations (0 steps = off);
+            ``pamr_dilations`` is an alias of ``pamr_stride``.
+        apply_<stage> / <stage>_cfg: stages 2-6 (SPEC §1), off by default.
+        cls_token_lambda: logit-level CLS debias (SPEC §1.5), 0 = off.
+    """
+
+    def __init__(self,
+                 clip: Optional[dict] = None,
+                 attention: str = 'naclip',
+                 gaussian_std: float = 5.0,
+                 name_path: Optional[str] = None,
+                 class_names: Optional[Sequence[str]] = None,
+                 slide_crop: int = 224,
+                 slide_stride: int = 112,
+                 max_crops_per_forward: int = 64,
+                 logit_scale: float = 40.0,
+                 prob_thd: float = 0.0,
+                 area_thd: float = 0.0,
+                 bg_idx: int = 0,
+                 pamr_steps: int = 0,
+                 pamr_stride: Sequence[int] = (8, 16),
+                 pamr_dilations: Optional[Sequence[int]] = None,
+                 apply_similarity_enhancement: bool = False,
+                 similarity_enhancement_cfg: Optional[dict] = None,
+                 apply_self_attn_enhancement: bool = False,
+                 self_attn_enhancement_cfg: Optional[dict] = None,
+                 apply_outlier_suppression: bool = False,
+                 outlier_suppression_cfg: Optional[dict] = None,
+                 apply_global_debias: bool = False,
+                 global_debias_cfg: Optional[dict] = None,
+                 cls_token_lambda: float = 0.0,
+                 apply_ctd: bool = False,
+                 ctd_cfg: Optional[dict] = None,
+                 data_preprocessor: Optional[dict] = None,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        stage_flags = dict(similarity_enhancement=apply_similarity_enhancement,
+                           self_attn_enhancement=apply_self_attn_enhancement,
+                           outlier_suppression=apply_outlier_suppression,
+                           global_debias=apply_global_debias, ctd=apply_ctd)
+        for stage, enabled in stage_flags.items():
+            if enabled:
+                raise NotImplementedError(
+                    f'apply_{stage}=True: stage {stage} is not implemented yet; set it to False.')
+        if cls_token_lambda:
+            raise NotImplementedError(
+                f'cls_token_lambda={cls_token_lambda}: the logit-level CLS debias is not '
+                'implemented yet; set it to 0.')
+
+        self.class_names = self._read_classes(name_path, class_names)
+        self.register_buffer('query_class', query_to_class_index(self.class_names),
+                             persistent=False)
+        self.slide_crop, self.slide_stride = _check_window(slide_crop, slide_stride)
+        self.max_crops_per_forward = _check_int('max_crops_per_forward', max_crops_per_forward, 1)
+        self.logit_scale = _check_range('logit_scale', logit_scale, 0, None, low_open=True)
+        self.prob_thd = _check_range('prob_thd', prob_thd, 0, 1)
+        self.area_thd = _check_range('area_thd', area_thd, 0, 1)
+        self.bg_idx = _check_bg_idx(bg_idx, len(self.class_names), prob_thd or area_thd)
+        self.pamr = self._build_pamr(
+            pamr_steps, pamr_stride if pamr_dilations is None else pamr_dilations)
+
+        clip_cfg = dict(arch='ViT-B-16', pretrained='openai')
+        clip_cfg.update(clip or {})
+        clip_model = load_clip(**clip_cfg)
+        self.encoder = DenseCLIPEncoder(clip_model.visual, attention, gaussian_std)
+        self.text_classifier = TextClassifier(clip_model, clip_cfg['arch'])
+
+    # -- pipeline on a batch of crops ------------------------------------------------------
+    def crop_logits(self, crops: Tensor) -> Tensor:
+        """Stages 1-7 on crops (B, 3, H, W) -> query logits (B, Q, H, W)."""
+        encoded = self.encoder.encode(crops)
+        features = self.encoder.dense_features(encoded)  # (B, N, D)
+        logits = self.classify(features)  # (B, N, Q)
+        h, w = encoded.grid
+        logits = logits.transpose(1, 2).reshape(crops.shape[0], -1, h, w)
+        return F.interpolate(logits, size=crops.shape[-2:], mode='bilinear')
+
+    def classify(self, features: Tensor) -> Tensor:
+        """cos(X_i, t_q) for every patch and query: (B, N, D) -> (B, N, Q)."""
+        queries = self.text_classifier.query_embeddings(self.class_names)
+        return F.normalize(features.float(), dim=-1) @ queries.T
+
+    # -- whole image -----------------------------------------------------------------------
+    def slide_inference(self, image: Tensor) -> Tensor:
+        """Query logits (Q, H, W) of one normalised image (3, H, W), crops batched."""
+        _, height, width = image.shape
+        windows = sliding_windows(height, width, self.slide_crop, self.slide_stride)
+        crops = torch.stack([image[:, y1:y2, x1:x2] for y1, y2, x1, x2 in windows])
+        crops, (left, top) = pad_to_patch_multiple(crops, self.encoder.patch_size)
+        crop_h, crop_w = windows[0][1] - windows[0][0], windows[0][3] - windows[0][2]
+        logits = torch.cat([self.crop_logits(chunk)
+                            for chunk in crops.split(self.max_crops_per_forward)])
+        logits = logits[..., top:top + crop_h, left:left + crop_w]
+
+        summed = logits.new_zeros((logits.shape[1], height, width))
+        count = logits.new_zeros((1, height, width))
+        for (y1, y2, x1, x2), crop_logit in zip(windows, logits):
+            summed[:, y1:y2, x1:x2] += crop_logit
+            count[:, y1:y2, x1:x2] += 1
+        return summed / count
+
+    @torch.no_grad()
+    def predict(self, inputs: Tensor,
+                data_samples: Optional[List[SegDataSample]] = None) -> List[SegDataSample]:
+        """Segment a batch; samples get ``seg_logits`` (class probabilities at the original
+        size) and ``pred_sem_seg``."""
+        metas = _image_metas(inputs, data_samples)
+        seg_logits = []
+        for image, meta in zip(inputs, metas):
+            height, width = meta['img_shape'][:2]
+            image = image[:, :height, :width]  # drop the batch padding
+            logits = self.slide_inference(image)[None]
+            original_size = tuple(meta['ori_shape'][:2])
+            if original_size != (height, width):
+                logits = F.interpolate(logits, size=original_size, mode='bilinear')
+            if self.pamr is not None:
+                resized = F.interpolate(image[None], size=original_size, mode='bilinear')
+                logits = self.pamr(resized, logits.to(resized.dtype))
+            seg_logits.append(logits[0])
+        return self.postprocess_result(seg_logits, data_samples)
+
+    def postprocess_result(self, seg_logits: List[Tensor],
+                           data_samples: Optional[List[SegDataSample]] = None
+                           ) -> List[SegDataSample]:
+        """Query logits (Q, H, W) per image -> class probabilities and labels (SPEC §2)."""
+        data_samples = data_samples or [SegDataSample() for _ in seg_logits]
+        for logits, sample in zip(seg_logits, data_samples):
+            class_probs = self.class_probabilities(logits)
+            labels = self.assign_labels(class_probs)
+            total = class_probs.sum(dim=0, keepdim=True).clamp_min(torch.finfo(
+                class_probs.dtype).tiny)
+            sample.set_data({'seg_logits': PixelData(data=class_probs / total),
+                             'pred_sem_seg': PixelData(data=labels[None])})
+        return data_samples
+
+    def class_probabilities(self, logits: Tensor) -> Tensor:
+        """softmax over all queries of logit_scale * logits, max over each class's synonyms."""
+        probs = (self.logit_scale * logits.float()).softmax(dim=0)
+        num_classes = len(self.class_names)
+        if num_classes == probs.shape[0]:
+            return probs
+        index = self.query_class.to(probs.device).view(-1, 1, 1).expand_as(probs)
+        return probs.new_zeros((num_classes, *probs.shape[1:])).scatter_reduce(
+            0, index, probs, reduce='amax', include_self=False)
+
+    def assign_labels(self, class_probs: Tensor) -> Tensor:
+        """argmax, then small classes (area_thd) and unsure pixels (prob_thd) -> bg_idx."""
+        best_prob, labels = class_probs.max(dim=0)
+        if self.area_thd > 0:
+            area = torch.bincount(labels.flatten(), minlength=class_probs.shape[0])
+            too_small = area < self.area_thd * labels.numel()
+            too_small[self.bg_idx] = False
+            labels = torch.where(too_small[labels], self.bg_idx, labels)
+        if self.prob_thd > 0:
+            labels = torch.where(best_prob < self.prob_thd, self.bg_idx, labels)
+        return labels
+
+    # -- BaseSegmentor interface -----------------------------------------------------------
+    def extract_feat(self, inputs: Tensor) -> Tensor:
+        """Dense patch features X (B, N, D) of inputs taken as crops."""
+        inputs, _ = pad_to_patch_multiple(inputs, self.encoder.patch_size)
+        return self.encoder.dense_features(self.encoder.encode(inputs))
+
+    def encode_decode(self, inputs: Tensor, batch_img_metas: List[dict]) -> Tensor:
+        """Sliding-window query logits (B, Q, H, W) of equally sized images."""
+        return torch.stack([self.slide_inference(image) for image in inputs])
+
+    def _forward(self, inputs: Tensor, data_samples: Optional[List[SegDataSample]] = None):
+        return self.encode_decode(inputs, _image_metas(inputs, data_samples))
+
+    def loss(self, inputs: Tensor, data_samples: List[SegDataSample]) -> Dict[str, Tensor]:
+        raise NotImplementedError('SelfAttnCLIPSegmentor is training-free: it has no loss.')
+
+    # -- construction helpers ----------------------------------------------------------------
+    @staticmethod
+    def _read_classes(name_path: Optional[str],
+                      class_names: Optional[Sequence[str]]) -> ClassNames:
+        if (name_path is None) == (class_names is None):
+            raise ValueError('set exactly one of name_path (a class-name file) and '
+                             'class_names (a list of class lines).')
+        if class_names is not None:
+            return parse_class_names(class_names)
+        return read_class_file(name_path)
+
+    @staticmethod
+    def _build_pamr(steps: int, stride: Sequence[int]) -> Optional[PAMR]:
+        steps = _check_int('pamr_steps', steps, 0)
+        dilations = (stride, ) if isinstance(stride, int) else tuple(stride)
+        if not dilations or any(not isinstance(d, int) or d < 1 for d in dilations):
+            raise ValueError(f'pamr_stride (PAMR dilations) must be positive ints, got {stride}.')
+        return PAMR(steps, dilations) if steps else None
+
+
+def sliding_windows(height: int, width: int, crop: int,
+                    stride: int) -> List[Tuple[int, int, int, int]]:
+    """(y1, y2, x1, x2) of every window, as mmseg/SCLIP place them; all of one size,
+    shrunk to the image where it is smaller than the crop. ``crop=0``: the whole image."""
+    if crop == 0:
+        return [(0, height, 0, width)]
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    windows = []
+    for row in range(rows):
+        for col in range(cols):
+            y2, x2 = min(row * stride + crop, height), min(col * stride + crop, width)
+            windows.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return windows
+
+
+def pad_to_patch_multiple(crops: Tensor, patch_size: Tuple[int, int]):
+    """Zero-pad (B, C, H, W) evenly on both sides to multiples of the patch size;
+    returns the padded crops and the (left, top) offsets."""
+    height, width = crops.shape[-2:]
+    pad_h, pad_w = -height % patch_size[0], -width % patch_size[1]
+    left, top = pad_w // 2, pad_h // 2
+    if pad_h or pad_w:
+        crops = F.pad(crops, (left, pad_w - left, top, pad_h - top))
+    return crops, (left, top)
+
+
+def _image_metas(inputs: Tensor, data_samples: Optional[List[SegDataSample]]) -> List[dict]:
+    if data_samples is None:
+        shape = tuple(inputs.shape[-2:])
+        return [dict(img_shape=shape, ori_shape=shape, pad_shape=shape) for _ in inputs]
+    return [sample.metainfo for sample in data_samples]
+
+
+def _check_window(crop: int, stride: int) -> Tuple[int, int]:
+    crop = _check_int('slide_crop', crop, 0)
+    if crop:
+        stride = _check_int('slide_stride', stride, 1)
+        if stride > crop:
+            raise ValueError(f'slide_stride={stride} > slide_crop={crop} leaves pixels '
+                             'uncovered; use 0 < slide_stride <= slide_crop.')
+    return crop, stride
+
+
+def _check_int(key: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f'{key} must be an int >= {minimum}, got {value!r}.')
+    return value
+
+
+def _check_range(key: str, value, low: float, high: Optional[float],
+                 low_open: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        bounds = f'{"(" if low_open else "["}{low}, {"inf)" if high is None else f"{high}]"}'
+        raise ValueError(f'{key} must be a number in {bounds}, got {value!r}.')
+    return float(value)
+
+
+def _check_bg_idx(bg_idx, num_classes: int, needed: bool) -> Optional[int]:
+    if bg_idx is None and not needed:
+        return None
+    if isinstance(bg_idx, bool) or not isinstance(bg_idx, int) or not 0 <= bg_idx < num_classes:
+        raise ValueError(f'bg_idx must be a class index in [0, {num_classes - 1}] (it receives '
+                         f'the pixels dropped by prob_thd / area_thd), got {bg_idx!r}.')
+    return bg_idx
