@@ -122,6 +122,9 @@ def _from_file(arch: str, path: str, quick_gelu: Optional[bool]) -> open_clip.CL
     print_log(f'CLIP {arch} from {path}: {"OpenAI" if is_openai else "open_clip"} format, '
               f'{"QuickGELU" if quick_gelu else "GELU"}', logger='current', level=logging.INFO)
     model = _create(arch, quick_gelu)
+    # TorchScript archives also store buffers open_clip keeps out of its state dict (attn_mask)
+    non_persistent = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+    state_dict = {key: value for key, value in state_dict.items() if key not in non_persistent}
     _check_state_dict_matches(model, state_dict, arch, path)
     model.load_state_dict(state_dict, strict=True)
     return model

@@ -1,0 +1,32 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import mmseg_selfattn  # noqa: E402,F401  (installs the mmcv.ops stand-in first)
+from mmseg_selfattn.clip_loader import load_clip  # noqa: E402
+
+TINY_ARCH = 'ViT-Tiny-8-test'
+
+
+def camvid_root() -> Path:
+    """The shared CamVid val split (../shared/data/camvid beside the checkout)."""
+    return Path(os.environ.get('MMSEG_SELFATTN_CAMVID',
+                               REPO_ROOT.parent / 'shared' / 'data' / 'camvid'))
+
+
+@pytest.fixture(scope='session')
+def tiny_clip():
+    torch.manual_seed(0)
+    return load_clip(TINY_ARCH, pretrained=None)
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 32, 32)
