@@ -32,7 +32,8 @@ _OPENAI_MARKER_KEYS = ('input_resolution', 'context_length', 'vocab_size')
 def load_clip(arch: str = 'ViT-B-16',
               pretrained: Optional[str] = 'openai',
               quick_gelu: Optional[bool] = None,
-              cache_dir: Optional[str] = None) -> open_clip.CLIP:
+              cache_dir: Optional[str] = None,
+              seed: int = 0) -> open_clip.CLIP:
     """Return a frozen fp32 CLIP in eval mode on the CPU.
 
     Args:
@@ -40,12 +41,16 @@ def load_clip(arch: str = 'ViT-B-16',
         pretrained: weights source, see the module docstring.
         quick_gelu: force the activation; ``None`` chooses it from the weights.
         cache_dir: open_clip's download cache for tags.
+        seed: seeds the random initialisation of ``pretrained=None``, so that runs
+            with random weights are reproducible (the global RNG is left untouched).
     """
     _check_arch_name(arch)
     if isinstance(pretrained, str) and pretrained.lower() == 'none':
         pretrained = None
     if pretrained is None:
-        model = _create(arch, bool(quick_gelu))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _create(arch, bool(quick_gelu))
     elif _is_tag(arch, pretrained):
         model = _from_tag(arch, pretrained, quick_gelu, cache_dir)
     else:

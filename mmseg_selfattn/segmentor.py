@@ -54,6 +54,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             ``pamr_dilations`` is an alias of ``pamr_stride``.
         apply_<stage> / <stage>_cfg: stages 2-6 (SPEC §1), off by default.
         cls_token_lambda: logit-level CLS debias (SPEC §1.5), 0 = off.
+        pretrained / train_cfg / test_cfg: set to None by mmseg's ``init_model``;
+            CLIP weights come from ``clip.pretrained``.
     """
 
     def __init__(self,
@@ -84,8 +86,14 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                  apply_ctd: bool = False,
                  ctd_cfg: Optional[dict] = None,
                  data_preprocessor: Optional[dict] = None,
-                 init_cfg: Optional[dict] = None):
+                 init_cfg: Optional[dict] = None,
+                 pretrained: None = None,
+                 train_cfg: None = None,
+                 test_cfg: None = None):
         super().__init__(data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        if pretrained is not None:  # mmseg's init_model sets `model.pretrained = None`
+            raise ValueError(f'pretrained={pretrained!r}: CLIP weights are chosen by '
+                             "clip=dict(pretrained=...), e.g. clip.pretrained='openai'.")
         stage_flags = dict(similarity_enhancement=apply_similarity_enhancement,
                            self_attn_enhancement=apply_self_attn_enhancement,
                            outlier_suppression=apply_outlier_suppression,

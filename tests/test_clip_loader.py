@@ -119,3 +119,10 @@ def test_real_archs_build(arch):
     """The exact published architectures build and pass the dense-compatibility check."""
     model = load_clip(arch, None)
     assert model.visual.output_dim == {'ViT-B-16': 512, 'ViT-L-14': 768}[arch]
+
+
+def test_random_weights_are_seeded():
+    a, b = load_clip(TINY_ARCH, None), load_clip(TINY_ARCH, None)
+    c = load_clip(TINY_ARCH, None, seed=1)
+    assert torch.equal(a.visual.proj, b.visual.proj)
+    assert not torch.equal(a.visual.proj, c.visual.proj)
