@@ -70,7 +70,7 @@ class DenseCLIPEncoder(nn.Module):
                              f'patch size {self.patch_size}')
         grid = (crops.shape[-2] // ph, crops.shape[-1] // pw)
         blocks = self.visual.transformer.resblocks
-        mid_layers = {self._block_index(layer) for layer in mid_layers}
+        mid_layers = {self.block_index(layer) for layer in mid_layers}
 
         x = self._embed(crops, grid)
         mid_features = {}
@@ -117,7 +117,9 @@ class DenseCLIPEncoder(nn.Module):
         return self.visual.ln_post(x[:, 1:]) @ self.visual.proj
 
     # -- helpers ---------------------------------------------------------------------------
-    def _block_index(self, layer: int) -> int:
+    def block_index(self, layer: int) -> int:
+        """0-based index of a mid block (negative counts from the end); the last block is
+        the dense one and cannot be a mid layer."""
         index = layer + self.num_blocks if layer < 0 else layer
         if not 0 <= index < self.num_blocks - 1:
             raise ValueError(f'mid layer {layer} is out of range: the ViT has '

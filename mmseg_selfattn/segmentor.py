@@ -10,6 +10,7 @@ from mmseg.structures import SegDataSample
 from torch import Tensor
 
 from .clip_loader import load_clip
+from .config_checks import check_int, check_number
 from .encoder import DenseCLIPEncoder
 from .pamr import PAMR
 from .text_classifier import (ClassNames, TextClassifier, parse_class_names,
@@ -111,10 +112,10 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         self.register_buffer('query_class', query_to_class_index(self.class_names),
                              persistent=False)
         self.slide_crop, self.slide_stride = _check_window(slide_crop, slide_stride)
-        self.max_crops_per_forward = _check_int('max_crops_per_forward', max_crops_per_forward, 1)
-        self.logit_scale = _check_range('logit_scale', logit_scale, 0, None, low_open=True)
-        self.prob_thd = _check_range('prob_thd', prob_thd, 0, 1)
-        self.area_thd = _check_range('area_thd', area_thd, 0, 1)
+        self.max_crops_per_forward = check_int('max_crops_per_forward', max_crops_per_forward, 1)
+        self.logit_scale = check_number('logit_scale', logit_scale, 0, low_open=True)
+        self.prob_thd = check_number('prob_thd', prob_thd, 0, 1)
+        self.area_thd = check_number('area_thd', area_thd, 0, 1)
         self.bg_idx = _check_bg_idx(bg_idx, len(self.class_names), prob_thd or area_thd)
         self.pamr = self._build_pamr(
             pamr_steps, pamr_stride if pamr_dilations is None else pamr_dilations)
@@ -244,7 +245,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
 
     @staticmethod
     def _build_pamr(steps: int, stride: Sequence[int]) -> Optional[PAMR]:
-        steps = _check_int('pamr_steps', steps, 0)
+        steps = check_int('pamr_steps', steps, 0)
         dilations = (stride, ) if isinstance(stride, int) else tuple(stride)
         if not dilations or any(not isinstance(d, int) or d < 1 for d in dilations):
             raise ValueError(f'pamr_stride (PAMR dilations) must be positive ints, got {stride}.')
@@ -286,29 +287,13 @@ def _image_metas(inputs: Tensor, data_samples: Optional[List[SegDataSample]]) ->
 
 
 def _check_window(crop: int, stride: int) -> Tuple[int, int]:
-    crop = _check_int('slide_crop', crop, 0)
+    crop = check_int('slide_crop', crop, 0)
     if crop:
-        stride = _check_int('slide_stride', stride, 1)
+        stride = check_int('slide_stride', stride, 1)
         if stride > crop:
             raise ValueError(f'slide_stride={stride} > slide_crop={crop} leaves pixels '
                              'uncovered; use 0 < slide_stride <= slide_crop.')
     return crop, stride
-
-
-def _check_int(key: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f'{key} must be an int >= {minimum}, got {value!r}.')
-    return value
-
-
-def _check_range(key: str, value, low: float, high: Optional[float],
-                 low_open: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
-    if not ok:
-        bounds = f'{"(" if low_open else "["}{low}, {"inf)" if high is None else f"{high}]"}'
-        raise ValueError(f'{key} must be a number in {bounds}, got {value!r}.')
-    return float(value)
 
 
 def _check_bg_idx(bg_idx, num_classes: int, needed: bool) -> Optional[int]:
