@@ -1,0 +1,37 @@
+# Frozen CLIP ViT-B/16, NACLIP attention, every post-hoc stage off.
+# Stage keys and their math: SPEC.md sections 1-3.
+model = dict(
+    type='SelfAttnCLIPSegmentor',
+    # CLIP's pixel statistics (OpenAI), in 0-255 RGB
+    data_preprocessor=dict(
+        type='SegDataPreProcessor',
+        mean=[122.771, 116.746, 104.094],
+        std=[68.501, 66.632, 70.323],
+        bgr_to_rgb=True,
+        pad_val=0,
+        seg_pad_val=255),
+    clip=dict(arch='ViT-B-16', pretrained='openai'),
+    attention='naclip',
+    gaussian_std=5.0,
+    name_path=None,  # set by each leaf config from its dataset base
+    slide_crop=224,
+    slide_stride=112,
+    logit_scale=40.0,
+    prob_thd=0.0,
+    area_thd=0.0,
+    bg_idx=0,
+    pamr_steps=0,
+    pamr_stride=(8, 16),
+    apply_similarity_enhancement=False,
+    similarity_enhancement_cfg=dict(),
+    apply_self_attn_enhancement=False,
+    self_attn_enhancement_cfg=dict(
+        enhancement_strength=0.1, min_self_attn_threshold=0.15,
+        mode='feature'),
+    apply_outlier_suppression=False,
+    outlier_suppression_cfg=dict(top_k=10),
+    apply_global_debias=False,
+    global_debias_cfg=dict(factor=0.2),
+    cls_token_lambda=0.0,
+    apply_ctd=False,
+    ctd_cfg=dict())

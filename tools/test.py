@@ -1,0 +1,147 @@
+"""Evaluate a config on its test set: the MMSegmentation 1.x ``tools/test.py``.
+
+    python tools/test.py CONFIG [CHECKPOINT] [--work-dir DIR] [--show-dir DIR]
+        [--out DIR] [--cfg-options KEY=VALUE ...] [--launcher pytorch]
+
+CHECKPOINT is optional: the segmentor loads its CLIP weights itself, from
+``model.clip.pretrained``. Multi-GPU: ``tools/dist_test.sh CONFIG GPUS``.
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+# Usable from a plain checkout: the repo root goes on sys.path, and the
+# package is imported before mmseg so that its mmcv.ops stand-in is in place.
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import mmseg_selfattn  # noqa: E402,F401
+
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.registry import MODEL_WRAPPERS  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+@MODEL_WRAPPERS.register_module()
+class InferenceOnlyWrapper(nn.Module):
+    """Model wrapper for distributed evaluation of a frozen model.
+
+    The Runner wraps every model in DistributedDataParallel when launched
+    distributed, and DDP refuses a module without trainable parameters, such
+    as our frozen CLIP. Evaluation needs no gradient sync: each rank runs its
+    shard of the test set and IoUMetric gathers the results.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def val_step(self, data):
+        return self.module.val_step(data)
+
+    def test_step(self, data):
+        return self.module.test_step(data)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description='MMSeg test (and eval) a training-free CLIP segmentor')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument(
+        'checkpoint',
+        nargs='?',
+        default=None,
+        help='checkpoint file (optional: the model loads CLIP itself)')
+    parser.add_argument(
+        '--work-dir',
+        help='directory for logs and metrics; '
+        'default work_dirs/<config stem>')
+    parser.add_argument(
+        '--out',
+        type=str,
+        help='directory to save the predicted label maps (png) in')
+    parser.add_argument(
+        '--show', action='store_true', help='show prediction results')
+    parser.add_argument(
+        '--show-dir',
+        help='directory to save images painted with the predictions in')
+    parser.add_argument(
+        '--wait-time', type=float, default=2, help='the interval of show (s)')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override some settings in the used config, the key-value pair '
+        'in xxx=yyy format will be merged into config file. If the value to '
+        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
+        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
+        'Note that the quotation marks are necessary and that no white space '
+        'is allowed.')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    # torch.distributed.launch passes --local-rank (torch>=2.0) or --local_rank
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args()
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def trigger_visualization_hook(cfg: Config,
+                               args: argparse.Namespace) -> Config:
+    """Switch on SegVisualizationHook's drawing for --show / --show-dir."""
+    default_hooks = cfg.default_hooks
+    if 'visualization' not in default_hooks:
+        raise RuntimeError(
+            'VisualizationHook must be included in default_hooks. '
+            'refer to usage "visualization=dict(type=\'VisualizationHook\')"')
+    visualization_hook = default_hooks['visualization']
+    visualization_hook['draw'] = True
+    if args.show:
+        visualization_hook['show'] = True
+        visualization_hook['wait_time'] = args.wait_time
+    if args.show_dir:
+        cfg.visualizer['save_dir'] = args.show_dir
+    return cfg
+
+
+def main() -> None:
+    args = parse_args()
+
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+
+    # work_dir priority: CLI > config file > work_dirs/<config stem>
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+
+    cfg.load_from = args.checkpoint
+
+    if args.show or args.show_dir:
+        cfg = trigger_visualization_hook(cfg, args)
+
+    if args.out is not None:
+        cfg.test_evaluator['output_dir'] = args.out
+        cfg.test_evaluator['keep_results'] = True
+
+    if args.launcher != 'none' and cfg.get('model_wrapper_cfg') is None:
+        cfg.model_wrapper_cfg = dict(type='InferenceOnlyWrapper')
+
+    runner = Runner.from_cfg(cfg)
+    metrics = runner.test()
+
+    if runner.rank == 0:  # IoUMetric reports percentages
+        print(', '.join(f'{name}: {value:.2f}'
+                        for name, value in metrics.items()), flush=True)
+
+
+if __name__ == '__main__':
+    main()
