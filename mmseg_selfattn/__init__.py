@@ -6,9 +6,10 @@ install_mmcv_ops_standin()  # before anything imports mmseg
 from .clip_loader import load_clip  # noqa: E402
 from .datasets import CamVidDataset  # noqa: E402
 from .encoder import DenseCLIPEncoder, EncodedCrops  # noqa: E402
+from .inference_wrapper import InferenceOnlyWrapper  # noqa: E402
 from .segmentor import SelfAttnCLIPSegmentor  # noqa: E402
 from .text_classifier import TextClassifier  # noqa: E402
 
 __version__ = '0.1.0'
 __all__ = ['load_clip', 'CamVidDataset', 'DenseCLIPEncoder', 'EncodedCrops',
-           'SelfAttnCLIPSegmentor', 'TextClassifier']
+           'SelfAttnCLIPSegmentor', 'TextClassifier', 'InferenceOnlyWrapper']

@@ -172,3 +172,13 @@ def test_mmcv_ops_standin_is_installed():
     values = torch.arange(16.).view(1, 1, 4, 4)
     corners = mmcv.ops.point_sample(values, torch.tensor([[[0.125, 0.125], [0.875, 0.875]]]))
     assert corners.flatten().tolist() == [0.0, 15.0]
+
+
+def test_inference_wrapper_delegates_test_step(segmentor):
+    from mmseg_selfattn import InferenceOnlyWrapper
+    wrapper = InferenceOnlyWrapper(segmentor)
+    data = dict(inputs=[torch.randint(0, 255, (3, 24, 40), dtype=torch.uint8)],
+                data_samples=[SegDataSample(metainfo=dict(img_shape=(24, 40),
+                                                          ori_shape=(24, 40)))])
+    out = wrapper.test_step(data)
+    assert out[0].pred_sem_seg.data.shape == (1, 24, 40)

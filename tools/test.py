@@ -17,30 +17,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import mmseg_selfattn  # noqa: E402,F401
 
 from mmengine.config import Config, DictAction  # noqa: E402
-from mmengine.registry import MODEL_WRAPPERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
-from torch import nn  # noqa: E402
-
-
-@MODEL_WRAPPERS.register_module()
-class InferenceOnlyWrapper(nn.Module):
-    """Model wrapper for distributed evaluation of a frozen model.
-
-    The Runner wraps every model in DistributedDataParallel when launched
-    distributed, and DDP refuses a module without trainable parameters, such
-    as our frozen CLIP. Evaluation needs no gradient sync: each rank runs its
-    shard of the test set and IoUMetric gathers the results.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def val_step(self, data):
-        return self.module.val_step(data)
-
-    def test_step(self, data):
-        return self.module.test_step(data)
 
 
 def parse_args() -> argparse.Namespace:
