@@ -174,9 +174,11 @@ def test_mmcv_ops_standin_is_installed():
     assert corners.flatten().tolist() == [0.0, 15.0]
 
 
-def test_inference_wrapper_delegates_test_step(segmentor):
+def test_inference_wrapper_delegates_test_step():
     from mmseg_selfattn import InferenceOnlyWrapper
-    wrapper = InferenceOnlyWrapper(segmentor)
+    wrapper = InferenceOnlyWrapper(build(data_preprocessor=dict(
+        type='mmseg.SegDataPreProcessor', mean=[122.771, 116.746, 104.094],
+        std=[68.501, 66.632, 70.323], bgr_to_rgb=True)))
     data = dict(inputs=[torch.randint(0, 255, (3, 24, 40), dtype=torch.uint8)],
                 data_samples=[SegDataSample(metainfo=dict(img_shape=(24, 40),
                                                           ori_shape=(24, 40)))])

@@ -22,16 +22,21 @@ model = dict(
     bg_idx=0,
     pamr_steps=0,
     pamr_stride=(8, 16),
+    # Stages 2-6 (SPEC §1), in pipeline order; each off here, with its defaults.
     apply_similarity_enhancement=False,
-    similarity_enhancement_cfg=dict(),
+    similarity_enhancement_cfg=dict(
+        layer=-4, weight=1.0, temperature=1.0, add_self_similarity=True,
+        threshold=None),
     apply_self_attn_enhancement=False,
     self_attn_enhancement_cfg=dict(
         enhancement_strength=0.1, min_self_attn_threshold=0.15,
         mode='feature'),
     apply_outlier_suppression=False,
-    outlier_suppression_cfg=dict(top_k=10),
+    outlier_suppression_cfg=dict(
+        top_k=10, min_ratio=None, interpolation='mean',
+        neighbour_decontamination=0.0),
     apply_global_debias=False,
     global_debias_cfg=dict(factor=0.2),
     cls_token_lambda=0.0,
     apply_ctd=False,
-    ctd_cfg=dict())
+    ctd_cfg=dict(eps=0.2, min_samples=4, scale=0.5, refine=0.0))

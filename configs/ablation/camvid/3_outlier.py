@@ -1,0 +1,2 @@
+_base_ = './2_self_attn.py'
+model = dict(apply_outlier_suppression=True)

@@ -1,0 +1,2 @@
+_base_ = './4_global_debias.py'
+model = dict(apply_ctd=True)

@@ -1,0 +1,2 @@
+_base_ = './0_baseline.py'
+model = dict(apply_similarity_enhancement=True)

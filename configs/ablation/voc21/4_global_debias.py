@@ -1,0 +1,2 @@
+_base_ = './3_outlier.py'
+model = dict(apply_global_debias=True)
