@@ -1,4 +1,5 @@
 """The registered segmentor: wires encoder, stages, classifier and post-processing."""
+from contextlib import nullcontext
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -13,6 +14,8 @@ from .clip_loader import load_clip
 from .config_checks import check_int, check_number
 from .encoder import DenseCLIPEncoder
 from .pamr import PAMR
+from .stages import build_stage
+from .stages.global_debias import cls_logit_bias
 from .text_classifier import (ClassNames, TextClassifier, parse_class_names,
                               query_to_class_index, read_class_file)
 
@@ -95,19 +98,6 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         if pretrained is not None:  # mmseg's init_model sets `model.pretrained = None`
             raise ValueError(f'pretrained={pretrained!r}: CLIP weights are chosen by '
                              "clip=dict(pretrained=...), e.g. clip.pretrained='openai'.")
-        stage_flags = dict(similarity_enhancement=apply_similarity_enhancement,
-                           self_attn_enhancement=apply_self_attn_enhancement,
-                           outlier_suppression=apply_outlier_suppression,
-                           global_debias=apply_global_debias, ctd=apply_ctd)
-        for stage, enabled in stage_flags.items():
-            if enabled:
-                raise NotImplementedError(
-                    f'apply_{stage}=True: stage {stage} is not implemented yet; set it to False.')
-        if cls_token_lambda:
-            raise NotImplementedError(
-                f'cls_token_lambda={cls_token_lambda}: the logit-level CLS debias is not '
-                'implemented yet; set it to 0.')
-
         self.class_names = self._read_classes(name_path, class_names)
         self.register_buffer('query_class', query_to_class_index(self.class_names),
                              persistent=False)
@@ -126,20 +116,62 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         self.encoder = DenseCLIPEncoder(clip_model.visual, attention, gaussian_std)
         self.text_classifier = TextClassifier(clip_model, clip_cfg['arch'])
 
+        stage_switches = dict(
+            similarity_enhancement=(apply_similarity_enhancement, similarity_enhancement_cfg),
+            self_attn_enhancement=(apply_self_attn_enhancement, self_attn_enhancement_cfg),
+            outlier_suppression=(apply_outlier_suppression, outlier_suppression_cfg),
+            global_debias=(apply_global_debias, global_debias_cfg),
+            ctd=(apply_ctd, ctd_cfg))
+        for name, (enabled, cfg) in stage_switches.items():
+            setattr(self, name, build_stage(name, enabled, cfg))
+        self.cls_token_lambda = check_number('cls_token_lambda', cls_token_lambda)
+        self._check_stage_compatibility(attention)
+        self.timer = None  # optional `timer(stage_name)` context manager (tools/benchmark.py)
+
     # -- pipeline on a batch of crops ------------------------------------------------------
     def crop_logits(self, crops: Tensor) -> Tensor:
         """Stages 1-7 on crops (B, 3, H, W) -> query logits (B, Q, H, W)."""
-        encoded = self.encoder.encode(crops)
-        features = self.encoder.dense_features(encoded)  # (B, N, D)
-        logits = self.classify(features)  # (B, N, Q)
-        h, w = encoded.grid
-        logits = logits.transpose(1, 2).reshape(crops.shape[0], -1, h, w)
-        return F.interpolate(logits, size=crops.shape[-2:], mode='bilinear')
+        similarity, self_attn = self.similarity_enhancement, self.self_attn_enhancement
+        with self._timed('encode'):
+            encoded = self.encoder.encode(crops, capture_attention=self._needs_attention,
+                                          mid_layers=self._mid_layers)
+        attention_bias = probs_hook = None
+        if similarity is not None:
+            with self._timed('similarity_enhancement'):
+                attention_bias = similarity.attention_bias(
+                    [encoded.mid_features[index] for index in self._mid_layers])
+        if self_attn is not None and self_attn.mode == 'attention':  # edits P in the block
+            with self._timed('self_attn_enhancement'):
+                probs_hook = self_attn.probs_hook(self_attn.deficit(encoded.attention))
+        with self._timed('dense_block'):
+            features = self.encoder.dense_features(encoded, attention_bias, probs_hook)
+        if self_attn is not None and self_attn.mode == 'feature':  # rescales X
+            with self._timed('self_attn_enhancement'):
+                features = self_attn.enhance_features(features,
+                                                      self_attn.deficit(encoded.attention))
+        if self.outlier_suppression is not None:
+            with self._timed('outlier_suppression'):
+                features = self.outlier_suppression(features, encoded.attention, encoded.grid)
+        if self.global_debias is not None:
+            with self._timed('global_debias'):
+                features = self.global_debias(features, encoded.x_cls)
+        if self.ctd is not None:
+            with self._timed('ctd'):
+                features = self.ctd(features, encoded.x_cls)
+        with self._timed('classify'):
+            logits = self.classify(features, encoded.x_cls)  # (B, N, Q)
+            h, w = encoded.grid
+            logits = logits.transpose(1, 2).reshape(crops.shape[0], -1, h, w)
+            return F.interpolate(logits, size=crops.shape[-2:], mode='bilinear')
 
-    def classify(self, features: Tensor) -> Tensor:
-        """cos(X_i, t_q) for every patch and query: (B, N, D) -> (B, N, Q)."""
+    def classify(self, features: Tensor, x_cls: Optional[Tensor] = None) -> Tensor:
+        """cos(X_i, t_q) for every patch and query, (B, N, D) -> (B, N, Q), plus
+        ``cls_token_lambda * cos(x_cls, t_q)`` when that is set."""
         queries = self.text_classifier.query_embeddings(self.class_names)
-        return F.normalize(features.float(), dim=-1) @ queries.T
+        logits = F.normalize(features.float(), dim=-1) @ queries.T
+        if self.cls_token_lambda and x_cls is not None:
+            logits = logits + cls_logit_bias(x_cls.float(), queries, self.cls_token_lambda)
+        return logits
 
     # -- whole image -----------------------------------------------------------------------
     def slide_inference(self, image: Tensor) -> Tensor:
@@ -233,6 +265,22 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         raise NotImplementedError('SelfAttnCLIPSegmentor is training-free: it has no loss.')
 
     # -- construction helpers ----------------------------------------------------------------
+    def _check_stage_compatibility(self, attention: str) -> None:
+        if self.similarity_enhancement is not None and attention == 'maskclip':
+            raise ValueError("apply_similarity_enhancement=True needs attention logits, but "
+                             "attention='maskclip' has none; use another attention variant.")
+        layers = self.similarity_enhancement.layers if self.similarity_enhancement else ()
+        try:
+            self._mid_layers = tuple(self.encoder.block_index(layer) for layer in layers)
+        except ValueError as error:
+            raise ValueError(f'similarity_enhancement_cfg.layer: {error}') from None
+        # the captured attention A feeds stages 3 and 4
+        self._needs_attention = (self.self_attn_enhancement is not None
+                                 or self.outlier_suppression is not None)
+
+    def _timed(self, stage: str):
+        return self.timer(stage) if self.timer is not None else nullcontext()
+
     @staticmethod
     def _read_classes(name_path: Optional[str],
                       class_names: Optional[Sequence[str]]) -> ClassNames:

@@ -1,0 +1,152 @@
+"""Stage 3: self-attention enhancement (SPEC §1.3), the seed's method.
+
+From the last block's standard attention A (head mean, CLS at index 0) each
+patch token i gets a self-attention deficit
+
+    e_i = max(0, τ - A_ii)                 τ = ``min_self_attn_threshold``
+
+and, with strength s = ``enhancement_strength``:
+
+- ``mode='feature'``:   X_i <- (1 + s e_i) X_i
+- ``mode='attention'``: in the dense attention P (after softmax, every head)
+  P_ii <- P_ii + s e_i, then row i is rescaled to its original row sum (1 for
+  one softmax, 2 for sclip's sum of two); the head outputs P @ V and the rest
+  of the dense block are recomputed by the encoder. maskclip has no P: no-op.
+
+Tokens with A_ii >= τ (e_i = 0) and the CLS row are untouched in both modes.
+
+Honest note: 1 + s e_i > 0, so rescaling X_i leaves cos(X_i, t) unchanged for
+every text query t. ``mode='feature'`` changes the segmentation only through
+later stages that mix or shift features: neighbour averaging (outlier
+suppression), the fixed-size CLS subtraction (global debias removes
+factor * cos(X_i, x_cls) * x_cls, whose size does not grow with |X_i|, so a
+longer X_i is debiased relatively less; likewise CTD), and cluster prototypes
+(means of differently scaled tokens). ``mode='attention'`` changes the
+features directly.
+
+``enhancement_strength=0`` or ``min_self_attn_threshold=0`` is neutral: the
+features come back unchanged and ``probs_hook`` is None.
+"""
+import math
+from typing import Callable, Dict, Optional
+
+import torch
+from mmengine.logging import print_log
+from mmseg.registry import MODELS
+from torch import Tensor, nn
+
+from ..config_checks import check_choice, check_number
+
+CFG_KEY = 'self_attn_enhancement_cfg'
+MODES = ('feature', 'attention')
+
+
+def self_attention_deficit(attention: Tensor, threshold: float) -> Tensor:
+    """e (B, N): max(0, threshold - A_ii) for the patch tokens of A (B, T, T)."""
+    patch_self_attention = attention.diagonal(dim1=-2, dim2=-1)[..., 1:]
+    return (threshold - patch_self_attention).clamp_min(0)
+
+
+def enhance_features(features: Tensor, deficit: Tensor, strength: float) -> Tensor:
+    """X_i <- (1 + strength * e_i) X_i for features (B, N, D) and deficit (B, N)."""
+    if strength == 0:
+        return features
+    scale = 1 + strength * deficit.to(features.dtype)
+    return features * scale.unsqueeze(-1)
+
+
+def boost_self_attention(probs: Tensor, deficit: Tensor, strength: float) -> Tensor:
+    """P_ii <- P_ii + strength * e_i for the patch tokens, same boost for every head,
+    then each boosted row rescaled to its original sum (B, H, T, T).
+
+    Rows with no boost (CLS, e_i = 0) are returned bitwise unchanged. The sums
+    are taken from P itself, so sclip's rows keep summing to 2. Computed in fp32.
+    """
+    boost = strength * deficit.float()  # (B, N)
+    boost = torch.nn.functional.pad(boost, (1, 0))[:, None, :]  # (B, 1, T), CLS: 0
+    original = probs.float()
+    diagonal = torch.diag_embed(boost)  # (B, 1, T, T)
+    boosted = original + diagonal
+    original_sum = original.sum(dim=-1, keepdim=True)
+    boosted_sum = boosted.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    rescaled = (boosted * (original_sum / boosted_sum)).to(probs.dtype)
+    return torch.where((boost > 0).unsqueeze(-1), rescaled, probs)
+
+
+def self_attention_stats(attention: Tensor, threshold: float) -> Dict[str, float]:
+    """mean, std (ddof=0), min, max of the patch diagonal A_ii (i >= 1) of A (B, T, T)
+    or (T, T), and the fraction of patch tokens with A_ii < threshold."""
+    if attention.dim() not in (2, 3) or attention.shape[-1] != attention.shape[-2]:
+        raise ValueError(f'attention must be (T, T) or (B, T, T), got {tuple(attention.shape)}.')
+    if attention.shape[-1] < 2:
+        raise ValueError('attention has no patch tokens (T = 1): no statistics.')
+    patch_self_attention = attention.diagonal(dim1=-2, dim2=-1)[..., 1:].double().flatten()
+    return {
+        'mean': patch_self_attention.mean().item(),
+        'std': patch_self_attention.std(correction=0).item(),
+        'min': patch_self_attention.min().item(),
+        'max': patch_self_attention.max().item(),
+        'below_threshold': (patch_self_attention < threshold).double().mean().item(),
+    }
+
+
+@MODELS.register_module()
+class SelfAttentionEnhancement(nn.Module):
+    """Boosts patch tokens whose self-attention A_ii is below a threshold (SPEC §1.3).
+
+    Segmentor use: ``deficit = stage.deficit(encoded.attention)``; then in
+    ``'attention'`` mode pass ``stage.probs_hook(deficit)`` as ``probs_hook`` to
+    ``DenseCLIPEncoder.dense_features``, in ``'feature'`` mode apply
+    ``stage.enhance_features(X, deficit)`` to its output. The methods do not
+    look at ``mode``; the caller picks by it.
+
+    Args:
+        enhancement_strength: s >= 0 (0 = off).
+        min_self_attn_threshold: τ in [0, 1]; tokens with A_ii < τ are boosted.
+        mode: ``'feature'`` or ``'attention'``.
+    """
+    cfg_key = CFG_KEY
+
+    def __init__(self,
+                 enhancement_strength: float = 0.1,
+                 min_self_attn_threshold: float = 0.15,
+                 mode: str = 'feature'):
+        super().__init__()
+        self.strength = check_number(f'{CFG_KEY}.enhancement_strength', enhancement_strength,
+                                     0, math.inf, high_open=True)
+        self.threshold = check_number(f'{CFG_KEY}.min_self_attn_threshold',
+                                      min_self_attn_threshold, 0, 1)
+        self.mode = check_choice(f'{CFG_KEY}.mode', mode, MODES)
+        print_log(f'[Self-Attention Enhancement] Enabled with strength={self.strength}, '
+                  f'threshold={self.threshold}, mode={self.mode}', logger='current')
+
+    @property
+    def is_neutral(self) -> bool:
+        """True when no token can change (strength 0 or threshold 0)."""
+        return self.strength == 0 or self.threshold == 0
+
+    def deficit(self, attention: Tensor) -> Tensor:
+        """e (B, N) from the standard attention A (B, T, T)."""
+        return self_attention_deficit(attention, self.threshold)
+
+    def enhance_features(self, features: Tensor, deficit: Tensor) -> Tensor:
+        """'feature' mode: X (B, N, D) -> (1 + s e_i) X_i; the input itself when neutral."""
+        if self.is_neutral:
+            return features
+        return enhance_features(features, deficit, self.strength)
+
+    def probs_hook(self, deficit: Tensor) -> Optional[Callable[[Tensor], Tensor]]:
+        """'attention' mode: edit of the dense attention P (B, H, T, T) for
+        ``dense_features(probs_hook=...)``; None when neutral."""
+        if self.is_neutral:
+            return None
+        strength = self.strength
+        return lambda probs: boost_self_attention(probs, deficit, strength)
+
+    def get_self_attention_stats(self, attn_weights: Tensor) -> Dict[str, float]:
+        """Statistics of the patch diagonal of A (B, T, T) or (T, T): keys ``mean, std,
+        min, max, below_threshold`` (Python floats; std with ddof=0)."""
+        return self_attention_stats(attn_weights, self.threshold)
+
+    def extra_repr(self) -> str:
+        return f'strength={self.strength}, threshold={self.threshold}, mode={self.mode}'
