@@ -24,7 +24,6 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import mmseg_selfattn  # noqa: E402,F401
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 
@@ -155,8 +154,8 @@ def main() -> None:
     for name, ms in report['ms_per_image_by_stage'].items():
         print(f'| {name} | {ms:.2f} |')
     print(f"stages 2-6 vs bare encoding (encode + dense block + classify, stages off): "
-          f"+{100 * report['stages_overhead_vs_bare_encoding']:.1f}% by stage timers, "
-          f"+{100 * report['stages_overhead_end_to_end']:.1f}% end to end")
+          f"{100 * report['stages_overhead_vs_bare_encoding']:+.1f}% by stage timers, "
+          f"{100 * report['stages_overhead_end_to_end']:+.1f}% end to end")
     print(f"peak memory: {report['peak_memory_mb']:.0f} MB")
 
 
