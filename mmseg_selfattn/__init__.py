@@ -4,6 +4,7 @@ from .mmcv_ops_standin import install_mmcv_ops_standin
 install_mmcv_ops_standin()  # before anything imports mmseg
 
 from .clip_loader import load_clip  # noqa: E402
+from .data_preprocessor import SizeAgnosticSegDataPreProcessor  # noqa: E402
 from .datasets import CamVidDataset  # noqa: E402
 from .encoder import DenseCLIPEncoder, EncodedCrops  # noqa: E402
 from .inference_wrapper import InferenceOnlyWrapper  # noqa: E402
@@ -12,4 +13,5 @@ from .text_classifier import TextClassifier  # noqa: E402
 
 __version__ = '0.1.0'
 __all__ = ['load_clip', 'CamVidDataset', 'DenseCLIPEncoder', 'EncodedCrops',
-           'SelfAttnCLIPSegmentor', 'TextClassifier', 'InferenceOnlyWrapper']
+           'SelfAttnCLIPSegmentor', 'SizeAgnosticSegDataPreProcessor', 'TextClassifier',
+           'InferenceOnlyWrapper']

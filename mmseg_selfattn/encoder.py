@@ -90,7 +90,7 @@ class DenseCLIPEncoder(nn.Module):
         attention = None
         if capture_attention:
             logits = (q @ k.transpose(-2, -1)).float() * q.shape[-1]**-0.5
-            attention = logits.softmax(dim=-1).mean(dim=1).to(q.dtype)
+            attention = logits.softmax(dim=-1).mean(dim=1)  # fp32: stages divide by A_ii
         return EncodedCrops(grid=grid, block_input=x, q=q, k=k, v=v, x_cls=x_cls,
                             attention=attention, mid_features=mid_features)
 

@@ -1,4 +1,5 @@
 """The registered segmentor: wires encoder, stages, classifier and post-processing."""
+from collections import defaultdict
 from contextlib import nullcontext
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -11,13 +12,16 @@ from mmseg.structures import SegDataSample
 from torch import Tensor
 
 from .clip_loader import load_clip
-from .config_checks import check_int, check_number
+from .config_checks import check_choice, check_int, check_number
 from .encoder import DenseCLIPEncoder
 from .pamr import PAMR
 from .stages import build_stage
 from .stages.global_debias import cls_logit_bias
 from .text_classifier import (ClassNames, TextClassifier, parse_class_names,
                               query_to_class_index, read_class_file)
+
+
+AUTOCAST_DTYPES = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 
 @MODELS.register_module()
@@ -50,7 +54,10 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         class_names: the class lines themselves, instead of ``name_path``.
         slide_crop / slide_stride: sliding window in pixels; ``slide_crop=0`` runs
             the whole image as one crop.
-        max_crops_per_forward: bounds the crops sent through the ViT at once.
+        max_crops_per_forward: bounds the crops (of all images of a batch) sent
+            through the ViT at once.
+        precision: 'fp32', or 'fp16' / 'bf16' autocast for the ViT (softmax and
+            LayerNorm stay fp32; stages 2-6 and the classifier run in fp32).
         logit_scale: temperature of the softmax over queries.
         prob_thd / area_thd / bg_idx: low-confidence pixels and small classes go to
             class ``bg_idx``.
@@ -71,6 +78,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                  slide_crop: int = 224,
                  slide_stride: int = 112,
                  max_crops_per_forward: int = 64,
+                 precision: str = 'fp32',
                  logit_scale: float = 40.0,
                  prob_thd: float = 0.0,
                  area_thd: float = 0.0,
@@ -103,6 +111,9 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                              persistent=False)
         self.slide_crop, self.slide_stride = _check_window(slide_crop, slide_stride)
         self.max_crops_per_forward = check_int('max_crops_per_forward', max_crops_per_forward, 1)
+        self.autocast_dtype = AUTOCAST_DTYPES[check_choice('precision', precision,
+                                                           list(AUTOCAST_DTYPES))]
+        self._window_counts: Dict[tuple, Tensor] = {}
         self.logit_scale = check_number('logit_scale', logit_scale, 0, low_open=True)
         self.prob_thd = check_number('prob_thd', prob_thd, 0, 1)
         self.area_thd = check_number('area_thd', area_thd, 0, 1)
@@ -132,19 +143,22 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
     def crop_logits(self, crops: Tensor) -> Tensor:
         """Stages 1-7 on crops (B, 3, H, W) -> query logits (B, Q, H, W)."""
         similarity, self_attn = self.similarity_enhancement, self.self_attn_enhancement
-        with self._timed('encode'):
-            encoded = self.encoder.encode(crops, capture_attention=self._needs_attention,
-                                          mid_layers=self._mid_layers)
-        attention_bias = probs_hook = None
-        if similarity is not None:
-            with self._timed('similarity_enhancement'):
-                attention_bias = similarity.attention_bias(
-                    [encoded.mid_features[index] for index in self._mid_layers])
-        if self_attn is not None and self_attn.mode == 'attention':  # edits P in the block
-            with self._timed('self_attn_enhancement'):
-                probs_hook = self_attn.probs_hook(self_attn.deficit(encoded.attention))
-        with self._timed('dense_block'):
-            features = self.encoder.dense_features(encoded, attention_bias, probs_hook)
+        with self._autocast(crops.device):
+            with self._timed('encode'):
+                encoded = self.encoder.encode(crops, capture_attention=self._needs_attention,
+                                              mid_layers=self._mid_layers)
+            attention_bias = probs_hook = None
+            if similarity is not None:
+                with self._timed('similarity_enhancement'):
+                    attention_bias = similarity.attention_bias(
+                        [encoded.mid_features[index] for index in self._mid_layers])
+            if self_attn is not None and self_attn.mode == 'attention':  # edits P in the block
+                with self._timed('self_attn_enhancement'):
+                    probs_hook = self_attn.probs_hook(self_attn.deficit(encoded.attention))
+            with self._timed('dense_block'):
+                features = self.encoder.dense_features(encoded, attention_bias, probs_hook)
+        # stages 2-6 and the classifier in fp32 (cheap, and DBSCAN's eps is precise)
+        features, encoded.x_cls = features.float(), encoded.x_cls.float()
         if self_attn is not None and self_attn.mode == 'feature':  # rescales X
             with self._timed('self_attn_enhancement'):
                 features = self_attn.enhance_features(features,
@@ -175,22 +189,43 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
 
     # -- whole image -----------------------------------------------------------------------
     def slide_inference(self, image: Tensor) -> Tensor:
-        """Query logits (Q, H, W) of one normalised image (3, H, W), crops batched."""
-        _, height, width = image.shape
-        windows = sliding_windows(height, width, self.slide_crop, self.slide_stride)
-        crops = torch.stack([image[:, y1:y2, x1:x2] for y1, y2, x1, x2 in windows])
-        crops, (left, top) = pad_to_patch_multiple(crops, self.encoder.patch_size)
-        crop_h, crop_w = windows[0][1] - windows[0][0], windows[0][3] - windows[0][2]
-        logits = torch.cat([self.crop_logits(chunk)
-                            for chunk in crops.split(self.max_crops_per_forward)])
-        logits = logits[..., top:top + crop_h, left:left + crop_w]
+        """Query logits (Q, H, W) of one normalised image (3, H, W)."""
+        return self.batch_slide_inference([image])[0]
 
-        summed = logits.new_zeros((logits.shape[1], height, width))
-        count = logits.new_zeros((1, height, width))
-        for (y1, y2, x1, x2), crop_logit in zip(windows, logits):
-            summed[:, y1:y2, x1:x2] += crop_logit
-            count[:, y1:y2, x1:x2] += 1
-        return summed / count
+    def batch_slide_inference(self, images: Sequence[Tensor]) -> List[Tensor]:
+        """Query logits (Q, H, W) of normalised images (3, H, W) of any sizes.
+
+        The windows of all images are cut, grouped by crop shape and sent through the
+        pipeline ``max_crops_per_forward`` at a time; each image then averages the
+        logits of its overlapping windows.
+        """
+        placements = defaultdict(list)  # crop shape -> [(image index, window)]
+        for index, image in enumerate(images):
+            for window in sliding_windows(*image.shape[-2:], self.slide_crop, self.slide_stride):
+                y1, y2, x1, x2 = window
+                placements[(y2 - y1, x2 - x1)].append((index, window))
+        summed: List[Optional[Tensor]] = [None] * len(images)
+        for (crop_h, crop_w), shape_placements in placements.items():
+            for start in range(0, len(shape_placements), self.max_crops_per_forward):
+                chunk = shape_placements[start:start + self.max_crops_per_forward]
+                crops = torch.stack([images[i][:, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in chunk])
+                crops, (left, top) = pad_to_patch_multiple(crops, self.encoder.patch_size)
+                logits = self.crop_logits(crops)[..., top:top + crop_h, left:left + crop_w]
+                for (i, (y1, y2, x1, x2)), crop_logit in zip(chunk, logits):
+                    if summed[i] is None:
+                        summed[i] = logits.new_zeros((logits.shape[1], *images[i].shape[-2:]))
+                    summed[i][:, y1:y2, x1:x2] += crop_logit
+        return [total / self._window_count(total.shape[-2:], total.device) for total in summed]
+
+    def _window_count(self, size: Tuple[int, int], device: torch.device) -> Tensor:
+        """How many windows cover each pixel of an image of this size (cached per size)."""
+        key = (*size, str(device))
+        if key not in self._window_counts:
+            count = torch.zeros((1, *size), device=device)
+            for y1, y2, x1, x2 in sliding_windows(*size, self.slide_crop, self.slide_stride):
+                count[:, y1:y2, x1:x2] += 1
+            self._window_counts[key] = count
+        return self._window_counts[key]
 
     @torch.no_grad()
     def predict(self, inputs: Tensor,
@@ -198,11 +233,12 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         """Segment a batch; samples get ``seg_logits`` (class probabilities at the original
         size) and ``pred_sem_seg``."""
         metas = _image_metas(inputs, data_samples)
+        # drop the batch padding: every image at its own (resized) size
+        images = [image[:, :meta['img_shape'][0], :meta['img_shape'][1]]
+                  for image, meta in zip(inputs, metas)]
         seg_logits = []
-        for image, meta in zip(inputs, metas):
-            height, width = meta['img_shape'][:2]
-            image = image[:, :height, :width]  # drop the batch padding
-            logits = self.slide_inference(image)[None]
+        for image, logits, meta in zip(images, self.batch_slide_inference(images), metas):
+            logits, (height, width) = logits[None], image.shape[-2:]
             original_size = tuple(meta['ori_shape'][:2])
             if original_size != (height, width):
                 logits = F.interpolate(logits, size=original_size, mode='bilinear')
@@ -277,6 +313,11 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         # the captured attention A feeds stages 3 and 4
         self._needs_attention = (self.self_attn_enhancement is not None
                                  or self.outlier_suppression is not None)
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     def _timed(self, stage: str):
         return self.timer(stage) if self.timer is not None else nullcontext()

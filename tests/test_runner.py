@@ -118,3 +118,34 @@ def test_tools_test_cli(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert 'mIoU' in run.stdout + run.stderr
     assert len(list((tmp_path / 'vis').rglob('*.png'))) == 2
+
+
+def test_mixed_size_test_batches_equal_batch_one(voc_root, tmp_path):
+    """tools/test.py with test_dataloader.batch_size > 1 on images of different sizes."""
+    from mmseg.apis import init_model
+    photo = cv2.imread(str(voc_root / 'JPEGImages/2011_000003.jpg'))
+    label = cv2.imread(str(voc_root / 'SegmentationClass/2011_000003.png'), cv2.IMREAD_UNCHANGED)
+    root = tmp_path / 'VOC2012'
+    for folder in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'):
+        (root / folder).mkdir(parents=True)
+    names = []
+    for index, (height, width) in enumerate([(375, 500), (300, 420), (375, 260)]):
+        names.append(f'mixed_{index}')
+        cv2.imwrite(str(root / f'JPEGImages/{names[-1]}.jpg'), photo[:height, :width])
+        cv2.imwrite(str(root / f'SegmentationClass/{names[-1]}.png'), label[:height, :width])
+    (root / 'ImageSets/Segmentation/val.txt').write_text('\n'.join(names) + '\n')
+
+    cfg = runner_config(VOC_CONFIG, root, tmp_path)
+    cfg.model.max_crops_per_forward = 7  # forward batches mix crops of different images
+    model = init_model(cfg, None, 'cpu')
+
+    def predictions(batch_size):
+        loader = Runner.build_dataloader(dict(cfg.test_dataloader, batch_size=batch_size))
+        return [sample for batch in loader for sample in model.test_step(batch)]
+
+    single, batched = predictions(1), predictions(3)
+    assert [s.img_path for s in single] == [s.img_path for s in batched]
+    for one, many in zip(single, batched):
+        assert one.pred_sem_seg.data.shape == many.pred_sem_seg.data.shape
+        torch.testing.assert_close(many.seg_logits.data, one.seg_logits.data, atol=1e-5, rtol=0)
+        assert torch.equal(many.pred_sem_seg.data, one.pred_sem_seg.data)

@@ -203,3 +203,36 @@ def test_inference_wrapper_delegates_test_step():
                                                           ori_shape=(24, 40)))])
     out = wrapper.test_step(data)
     assert out[0].pred_sem_seg.data.shape == (1, 24, 40)
+
+
+def test_mixed_size_batch_equals_images_one_by_one(segmentor):
+    sizes = [(40, 48), (24, 56), (48, 30)]
+    images = [torch.randn(3, *size, generator=torch.Generator().manual_seed(i))
+              for i, size in enumerate(sizes)]
+    padded = torch.zeros(3, 3, 48, 56)
+    for slot, image in zip(padded, images):
+        slot[:, :image.shape[1], :image.shape[2]] = image
+    samples = [SegDataSample(metainfo=dict(img_shape=size, ori_shape=size)) for size in sizes]
+    segmentor.max_crops_per_forward = 5  # chunks mix crops of different images
+    try:
+        batched = segmentor.predict(padded, samples)
+    finally:
+        segmentor.max_crops_per_forward = 64
+    for image, sample in zip(images, batched):
+        single = segmentor.predict(image[None])[0]
+        torch.testing.assert_close(sample.seg_logits.data, single.seg_logits.data, atol=1e-5,
+                                   rtol=0)
+        assert torch.equal(sample.pred_sem_seg.data, single.pred_sem_seg.data)
+
+
+def test_bf16_autocast_is_close_to_fp32():
+    inputs = torch.randn(1, 3, 40, 48, generator=torch.Generator().manual_seed(3))
+    fp32 = build().slide_inference(inputs[0])
+    bf16 = build(precision='bf16').slide_inference(inputs[0])
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    assert (bf16 - fp32).abs().max() < 0.05  # cosine logits, bf16 has ~3 digits
+
+
+def test_unknown_precision_is_rejected():
+    with pytest.raises(ValueError, match=r"precision must be one of \['fp32', 'fp16', 'bf16'\]"):
+        build(precision='fp64')

@@ -4,10 +4,11 @@ model = dict(
     type='SelfAttnCLIPSegmentor',
     # CLIP's pixel statistics (OpenAI), in 0-255 RGB
     data_preprocessor=dict(
-        type='SegDataPreProcessor',
+        type='SizeAgnosticSegDataPreProcessor',  # test batches may mix sizes
         mean=[122.771, 116.746, 104.094],
         std=[68.501, 66.632, 70.323],
         bgr_to_rgb=True,
+        non_blocking=True,
         pad_val=0,
         seg_pad_val=255),
     clip=dict(arch='ViT-B-16', pretrained='openai'),
@@ -16,6 +17,8 @@ model = dict(
     name_path=None,  # set by each leaf config from its dataset base
     slide_crop=224,
     slide_stride=112,
+    max_crops_per_forward=64,  # crops of all images of a batch, per ViT forward
+    precision='fp32',  # or 'fp16' / 'bf16' autocast (GPU)
     logit_scale=40.0,
     prob_thd=0.0,
     area_thd=0.0,
