@@ -54,11 +54,12 @@ def gaussian_window(grid: Tuple[int, int], std: float, device=None,
                     dtype=torch.float32) -> torch.Tensor:
     """NACLIP's prior, (1+N, 1+N): exp(-|p - p'|^2 / (2 std^2)) between patches, 0 for CLS."""
     h, w = grid
-    rows, cols = torch.meshgrid(torch.arange(h, device=device, dtype=dtype),
-                                torch.arange(w, device=device, dtype=dtype), indexing='ij')
-    positions = torch.stack([rows.flatten(), cols.flatten()], dim=1)  # (N, 2)
-    window = torch.exp(-torch.cdist(positions, positions).square() / (2 * std**2))
-    return F.pad(window, (1, 0, 1, 0))
+    rows, cols = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
+                                torch.arange(w, device=device, dtype=torch.float32),
+                                indexing='ij')
+    rows, cols = rows.flatten(), cols.flatten()
+    squared = (rows[:, None] - rows[None]).square() + (cols[:, None] - cols[None]).square()
+    return F.pad(torch.exp(-squared / (2 * std**2)), (1, 0, 1, 0)).to(dtype)
 
 
 def dense_attention(variant: DenseVariant,

@@ -1,14 +1,20 @@
-"""Time the segmentor: milliseconds per image for encoding and for each stage.
+"""Speed of the segmentor, and of the published-style reference loop on the same weights.
 
-    python tools/benchmark.py                                  # full pipeline, ViT-B/16, CPU
-    python tools/benchmark.py --image-size 375 500 --num-images 4 --repeats 5 --json
+    python tools/benchmark.py                                   # ViT-B/16, VOC-sized images
+    python tools/benchmark.py --device cuda --precision fp16 bf16 --batch-sizes 1 64 --json out.json
+    python tools/benchmark.py --image-dir data/camvid/images/val --scaling
 
-The image is resized like the configs' pipeline (short side 336), then run through
-``predict`` with the config's sliding window. Each stage is timed inside the
-pipeline (CUDA-synchronised on GPU), and the whole pipeline is also compared with
-the same model with stages 2-6 switched off, so the overhead of the stages is
-measured end to end as well. Weights are random unless --pretrained is given
-(speed does not depend on them).
+Images (random, or read from --image-dir) are resized like the configs' test pipeline
+(short side 336) and segmented with ``predict`` (sliding window, all stages of the
+config, post-processing), after warm-up, CUDA-synchronised. Reported per precision:
+
+- latency: ms per image, one image per call; throughput: images/s at each batch size;
+- ms per image of encoding and of every stage (stage timers, batch 1), and the
+  overhead of stages 2-6 over the same model with them off;
+- the reference loop (``mmseg_selfattn/reference_loop.py``: fp16/bf16/fp32 copy of CLIP,
+  crops one at a time, bmm attention in every block, like SCLIP/NACLIP), our speed-up
+  over it and the max abs difference of the query logits between the two;
+- peak memory (GPU: max_memory_allocated at batch 1; CPU: max RSS of the process).
 """
 import argparse
 import json
@@ -19,144 +25,285 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from pathlib import Path
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import mmseg_selfattn  # noqa: E402,F401
 
+import cv2  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
+from mmseg.structures import SegDataSample  # noqa: E402
 
+from mmseg_selfattn.reference_loop import reference_loop  # noqa: E402
+from mmseg_selfattn.segmentor import sliding_windows  # noqa: E402
 from mmseg_selfattn.stages import PIPELINE_STAGES  # noqa: E402
 
-DEFAULT_CONFIG = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))),
-                          'configs/selfattn/selfattn-full_vit-b16_voc21.py')
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / 'configs/selfattn/selfattn-full_vit-b16_voc21.py'
+DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+PEAK_TFLOPS = 790  # H200 dense bf16, the issue's arithmetic floor
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--config', default=DEFAULT_CONFIG)
+    parser.add_argument('--config', default=str(DEFAULT_CONFIG))
     parser.add_argument('--pretrained', default='none', help="CLIP weights ('none': random)")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--image-size', nargs=2, type=int, default=(375, 500),
-                        metavar=('H', 'W'), help='original image size (VOC: 375 500)')
-    parser.add_argument('--short-side', type=int, default=336,
-                        help='resize like the test pipeline (0: keep the size)')
-    parser.add_argument('--num-images', type=int, default=2, help='images per timed pass')
-    parser.add_argument('--warmup', type=int, default=1)
-    parser.add_argument('--repeats', type=int, default=3)
-    parser.add_argument('--json', action='store_true', help='print one JSON object')
+    parser.add_argument('--precision', nargs='+', default=['fp32'], choices=list(DTYPES))
+    parser.add_argument('--image-size', nargs=2, type=int, default=(375, 500), metavar=('H', 'W'))
+    parser.add_argument('--image-dir', help='read images from here instead (e.g. CamVid val)')
+    parser.add_argument('--short-side', type=int, default=336, help='0 keeps the size')
+    parser.add_argument('--num-images', type=int, default=8,
+                        help='distinct images for the throughput runs')
+    parser.add_argument('--latency-images', type=int, default=4,
+                        help='of those, how many for latency, stage timers and the reference')
+    parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 8])
+    parser.add_argument('--max-crops-per-forward', type=int, default=None)
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--no-reference', action='store_true', help='skip the reference loop')
+    parser.add_argument('--no-stages', action='store_true', help='stages 2-6 off')
+    parser.add_argument('--scaling', action='store_true',
+                        help='also images/s vs short side and vs batch size')
+    parser.add_argument('--json', help='write the report here')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args()
 
 
 class StageTimer:
-    """``segmentor.timer``: accumulates wall time per stage name."""
+    """``segmentor.timer``: wall time per stage (synchronising the GPU around each)."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == 'cuda'
+        self.device = device
         self.seconds = defaultdict(float)
 
     @contextmanager
     def __call__(self, stage: str):
-        self._sync()
+        synchronize(self.device)
         start = time.perf_counter()
         yield
-        self._sync()
+        synchronize(self.device)
         self.seconds[stage] += time.perf_counter() - start
 
-    def _sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+
+def synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
 
 
-def build_model(args, stages_on: bool):
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+def build_model(args, precision: str, stages_on: bool = True):
+    cfg = model_cfg(args)
     cfg.model.clip.pretrained = None if args.pretrained.lower() == 'none' else args.pretrained
-    if not stages_on:
-        for name in PIPELINE_STAGES:
-            cfg.model[f'apply_{name}'] = False
+    cfg.model.precision = precision
+    if args.max_crops_per_forward:
+        cfg.model.max_crops_per_forward = args.max_crops_per_forward
+    for name in PIPELINE_STAGES:
+        cfg.model[f'apply_{name}'] &= stages_on and not args.no_stages
     cfg.model.pop('data_preprocessor', None)
     return MODELS.build(cfg.model).to(args.device).eval(), cfg
 
 
-def make_images(args) -> torch.Tensor:
-    height, width = args.image_size
-    if args.short_side:
-        scale = args.short_side / min(height, width)
-        height, width = round(height * scale), round(width * scale)
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(args.num_images, 3, height, width, generator=generator).to(args.device)
+def load_images(args, short_side: int):
+    """Normalised (3, H, W) images on the device, resized to the short side."""
+    mean = torch.tensor([122.771, 116.746, 104.094]).view(3, 1, 1)
+    std = torch.tensor([68.501, 66.632, 70.323]).view(3, 1, 1)
+    if args.image_dir:
+        files = sorted(Path(args.image_dir).glob('*.*'))[:args.num_images]
+        arrays = [cv2.imread(str(f))[..., ::-1].copy() for f in files]
+        raw = [torch.from_numpy(a).permute(2, 0, 1).float() for a in arrays]
+    else:
+        generator = torch.Generator().manual_seed(0)
+        raw = [torch.rand(3, *args.image_size, generator=generator) * 255
+               for _ in range(args.num_images)]
+    images = []
+    for image in raw:
+        if short_side:
+            scale = short_side / min(image.shape[-2:])
+            size = [round(s * scale) for s in image.shape[-2:]]
+            image = F.interpolate(image[None], size=size, mode='bilinear')[0]
+        images.append(((image - mean) / std).to(args.device))
+    return images
 
 
-def time_passes(model, images, args):
-    """Median seconds of one pass over the images, and per-stage seconds of that pass."""
-    timer = StageTimer(torch.device(args.device))
-    model.timer = timer
+def as_batch(images):
+    """Pad a list of images into one tensor with per-image metas, as the preprocessor does."""
+    height = max(i.shape[-2] for i in images)
+    width = max(i.shape[-1] for i in images)
+    batch = images[0].new_zeros((len(images), 3, height, width))
+    samples = []
+    for slot, image in zip(batch, images):
+        slot[:, :image.shape[-2], :image.shape[-1]] = image
+        shape = tuple(image.shape[-2:])
+        samples.append(SegDataSample(metainfo=dict(img_shape=shape, ori_shape=shape)))
+    return batch, samples
+
+
+def seconds_per_image(model, images, batch_size: int, args) -> float:
+    """Median over repeats of one pass over the images, per image."""
+    device = images[0].device
+    batches = [as_batch(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     for _ in range(args.warmup):
-        model.predict(images)
-    timer.seconds.clear()
-    totals = []
+        for batch, samples in batches:
+            model.predict(batch, samples)
+    passes = []
     for _ in range(args.repeats):
-        timer._sync()
+        synchronize(device)
         start = time.perf_counter()
-        model.predict(images)
-        timer._sync()
-        totals.append(time.perf_counter() - start)
+        for batch, samples in batches:
+            model.predict(batch, samples)
+        synchronize(device)
+        passes.append(time.perf_counter() - start)
+    return statistics.median(passes) / len(images)
+
+
+def stage_breakdown(model, images, args) -> dict:
+    """ms per image in each stage, one image per call."""
+    timer = StageTimer(images[0].device)
+    model.timer = timer
+    for image in images:
+        model.predict(*as_batch([image]))
     model.timer = None
-    per_stage = {name: seconds / args.repeats for name, seconds in timer.seconds.items()}
-    return statistics.median(totals), per_stage
+    return {name: 1000 * seconds / len(images) for name, seconds in timer.seconds.items()}
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def peak_memory_mb(model, images) -> float:
+    device = images[0].device
+    if device.type != 'cuda':
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    model.predict(*as_batch(images[:1]))
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def vit_gmacs_per_crop(model, crop_hw) -> float:
+    """Multiply-accumulates of one crop through the ViT (patch embedding + blocks)."""
+    visual = model.encoder.visual
+    width, layers = visual.transformer.width, len(visual.transformer.resblocks)
+    patch = visual.patch_size[0]
+    tokens = 1 + (crop_hw[0] // patch) * (crop_hw[1] // patch)
+    per_block = 12 * tokens * width**2 + 2 * tokens**2 * width
+    return (layers * per_block + 3 * patch**2 * tokens * width) / 1e9
+
+
+def crops_per_image(images, cfg) -> float:
+    crop, stride = cfg.model.slide_crop, cfg.model.slide_stride
+    return statistics.mean(len(sliding_windows(*i.shape[-2:], crop, stride)) for i in images)
+
+
+def measure(args, precision: str) -> dict:
+    model, cfg = build_model(args, precision)
+    images = load_images(args, args.short_side)
+    report = dict(precision=precision, image_size=list(images[0].shape[-2:]),
+                  crops_per_image=crops_per_image(images, cfg))
+    few = images[:args.latency_images]
+    latency = seconds_per_image(model, few, 1, args)
+    report['latency_ms'] = 1000 * latency
+    report['throughput_images_per_s'] = {
+        batch_size: 1 / seconds_per_image(model, images, batch_size, args)
+        for batch_size in args.batch_sizes}
+    best = max(report['throughput_images_per_s'].values())
+    crop = min(cfg.model.slide_crop or 10**9, *images[0].shape[-2:])
+    floor_ms = (report['crops_per_image'] * vit_gmacs_per_crop(model, (crop, crop)) * 1e9 /
+                (PEAK_TFLOPS * 1e12) * 1e3)
+    report.update(floor_ms_per_image=floor_ms, fraction_of_floor=floor_ms / (1000 / best))
+    report['ms_per_image_by_stage'] = stage_breakdown(model, few, args)
+    report['peak_memory_mb_batch1'] = peak_memory_mb(model, few)
+    if not args.no_stages:
+        bare, _ = build_model(args, precision, stages_on=False)
+        bare_latency = seconds_per_image(bare, few, 1, args)
+        bare_batched = seconds_per_image(bare, images, max(args.batch_sizes), args)
+        report['stages_overhead_latency'] = latency / bare_latency - 1
+        report['stages_overhead_throughput'] = (
+            1 / report['throughput_images_per_s'][max(args.batch_sizes)]) / bare_batched - 1
+        del bare
+    if not args.no_reference:
+        reference = reference_loop(model, DTYPES[precision])
+        report['reference_ms'] = 1000 * seconds_per_image(reference, few, 1, args)
+        report['speedup_latency'] = report['reference_ms'] / report['latency_ms']
+        report['speedup_throughput'] = best * report['reference_ms'] / 1000
+        report['max_abs_logit_diff'] = max(
+            (model.slide_inference(image) - reference.slide_inference(image)).abs().max().item()
+            for image in few)
+    if args.scaling:
+        report['scaling'] = scaling(model, args)
+    return report
+
+
+def scaling(model, args) -> dict:
+    sides = {}
+    for short_side in (336, 448, 672, 1024):
+        images = load_images(args, short_side)
+        sides[short_side] = dict(
+            crops_per_image=crops_per_image(images, model_cfg(args)),
+            latency_images_per_s=1 / seconds_per_image(model, images[:args.latency_images], 1,
+                                                       args),
+            batched_images_per_s=1 / seconds_per_image(model, images, max(args.batch_sizes),
+                                                       args))
+    images = load_images(args, args.short_side)
+    batches = {}
+    for batch_size in (1, 4, 16, 64, 256):
+        repeated = (images * (-(-batch_size // len(images))))[:max(batch_size, len(images))]
+        batches[batch_size] = 1 / seconds_per_image(model, repeated, batch_size, args)
+    return dict(short_side=sides, batch_size=batches)
+
+
+def model_cfg(args):
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    return cfg
+
+
+def print_report(report: dict) -> None:
+    print(f"# {report['arch']} on {report['device']}, torch {report['torch']}, "
+          f"{report['num_images']} image(s) of {report['runs'][0]['image_size']} "
+          f"({report['runs'][0]['crops_per_image']:.1f} crops each), {report['config']}")
+    for run in report['runs']:
+        print(f"\n## {run['precision']}")
+        print(f"latency {run['latency_ms']:.2f} ms/image; throughput " + ', '.join(
+            f'batch {b}: {v:.1f} images/s' for b, v in run['throughput_images_per_s'].items()))
+        print(f"arithmetic floor {run['floor_ms_per_image']:.3f} ms/image; best throughput "
+              f"reaches {100 * run['fraction_of_floor']:.1f}% of it")
+        if 'reference_ms' in run:
+            print(f"reference loop {run['reference_ms']:.2f} ms/image -> speed-up "
+                  f"{run['speedup_latency']:.1f}x (latency), {run['speedup_throughput']:.1f}x "
+                  f"(throughput); max |logit diff| {run['max_abs_logit_diff']:.2e}")
+        if 'stages_overhead_latency' in run:
+            print(f"stages 2-6 over the same model with them off: "
+                  f"{100 * run['stages_overhead_latency']:+.1f}% (batch 1), "
+                  f"{100 * run['stages_overhead_throughput']:+.1f}% (batched)")
+        print(f"peak memory {run['peak_memory_mb_batch1']:.0f} MB")
+        print('| stage | ms / image (batch 1, synchronised timers) |\n| --- | --- |')
+        for name, ms in run['ms_per_image_by_stage'].items():
+            print(f'| {name} | {ms:.3f} |')
+        if 'scaling' in run:
+            print('| short side | crops / image | images/s batch 1 | images/s batched |\n'
+                  '| --- | --- | --- | --- |')
+            for side, row in run['scaling']['short_side'].items():
+                print(f"| {side} | {row['crops_per_image']:.1f} | "
+                      f"{row['latency_images_per_s']:.1f} | {row['batched_images_per_s']:.1f} |")
+            print('| batch size | images/s |\n| --- | --- |')
+            for size, value in run['scaling']['batch_size'].items():
+                print(f'| {size} | {value:.1f} |')
 
 
 def main() -> None:
     args = parse_args()
     torch.set_grad_enabled(False)
-    images = make_images(args)
-    full, cfg = build_model(args, stages_on=True)
-    bare, _ = build_model(args, stages_on=False)
-    full_seconds, per_stage = time_passes(full, images, args)
-    bare_seconds, bare_stage = time_passes(bare, images, args)
-
-    per_image = 1000 / args.num_images
-    stage_names = ['encode', *[n for n in PIPELINE_STAGES if n in per_stage], 'dense_block',
-                   'classify']
-    bare_encoding = sum(bare_stage.get(n, 0.0) for n in ('encode', 'dense_block', 'classify'))
-    stages_cost = sum(per_stage.get(n, 0.0) for n in PIPELINE_STAGES)
-    report = dict(
-        config=args.config, arch=cfg.model.clip.arch, device=str(images.device),
-        torch=torch.__version__, threads=torch.get_num_threads(),
-        image_size=list(images.shape[-2:]), num_images=args.num_images,
-        crop=cfg.model.slide_crop, stride=cfg.model.slide_stride,
-        ms_per_image_full=full_seconds * per_image, ms_per_image_stages_off=bare_seconds *
-        per_image, images_per_s_full=args.num_images / full_seconds,
-        ms_per_image_by_stage={n: per_stage.get(n, 0.0) * per_image for n in stage_names},
-        stages_overhead_end_to_end=full_seconds / bare_seconds - 1,
-        stages_overhead_vs_bare_encoding=stages_cost / bare_encoding,
-        peak_memory_mb=peak_memory_mb(images.device))
+    cfg = model_cfg(args)
+    report = dict(config=args.config, arch=cfg.model.clip.arch, device=args.device,
+                  device_name=(torch.cuda.get_device_name() if args.device.startswith('cuda')
+                               else f'cpu x{torch.get_num_threads()} threads'),
+                  torch=torch.__version__, num_images=args.num_images,
+                  date=time.strftime('%Y-%m-%d'),
+                  runs=[measure(args, precision) for precision in args.precision])
+    print_report(report)
     if args.json:
-        print(json.dumps(report, indent=1))
-        return
-    print(f"{report['arch']} on {report['device']} ({report['threads']} threads), "
-          f"{args.num_images} image(s) of {tuple(report['image_size'])}, "
-          f"crop {report['crop']} / stride {report['stride']}")
-    print(f"full pipeline: {report['ms_per_image_full']:.1f} ms/image "
-          f"({report['images_per_s_full']:.2f} images/s); stages 2-6 off: "
-          f"{report['ms_per_image_stages_off']:.1f} ms/image")
-    print('| stage | ms / image |\n| --- | --- |')
-    for name, ms in report['ms_per_image_by_stage'].items():
-        print(f'| {name} | {ms:.2f} |')
-    print(f"stages 2-6 vs bare encoding (encode + dense block + classify, stages off): "
-          f"{100 * report['stages_overhead_vs_bare_encoding']:+.1f}% by stage timers, "
-          f"{100 * report['stages_overhead_end_to_end']:+.1f}% end to end")
-    print(f"peak memory: {report['peak_memory_mb']:.0f} MB")
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == '__main__':

@@ -1,0 +1,110 @@
+"""The published methods' way of running CLIP, kept as a yardstick for speed and equality.
+
+SCLIP / NACLIP / ClearCLIP / SC-CLIP convert CLIP to fp16, send the sliding-window
+crops through it one at a time and write the attention of every block by hand
+(``torch.bmm`` + softmax in the model's dtype). ``ReferenceEncoder`` does exactly
+that on the weights of a ``DenseCLIPEncoder`` and offers the same interface, so
+``tools/benchmark.py`` can swap it into a segmentor (with ``max_crops_per_forward=1``)
+and measure our speed-up at equal output.
+"""
+import copy
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .dense_attention import ProbsHook, gaussian_window
+from .encoder import DenseCLIPEncoder, EncodedCrops
+
+
+class ReferenceEncoder(DenseCLIPEncoder):
+    """Hand-written bmm attention in every block, on a copy of the tower in ``dtype``."""
+
+    def __init__(self, encoder: DenseCLIPEncoder, dtype: torch.dtype = torch.float16):
+        visual = copy.deepcopy(encoder.visual).to(dtype)
+        super().__init__(visual, encoder.attention_name, encoder.gaussian_std)
+        self.dtype = dtype
+
+    def encode(self, crops: Tensor, capture_attention: bool = False,
+               mid_layers: Sequence[int] = ()) -> EncodedCrops:
+        visual = self.visual
+        grid = (crops.shape[-2] // self.patch_size[0], crops.shape[-1] // self.patch_size[1])
+        x = visual.conv1(crops.to(self.dtype)).flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype) + torch.zeros_like(x[:, :1])
+        x = visual.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding(grid))
+        mid_layers = {self.block_index(layer) for layer in mid_layers}
+        mid_features = {}
+        for index, block in enumerate(visual.transformer.resblocks[:-1]):
+            q, k, v = self._qkv(block, x)
+            weights = F.softmax(_bmm_logits(q, k), dim=-1)
+            x = x + block.ls_1(self._merge_heads(block, _bmm(weights, v)))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            if index in mid_layers:
+                mid_features[index] = x[:, 1:]
+        last = visual.transformer.resblocks[-1]
+        q, k, v = self._qkv(last, x)
+        weights = F.softmax(_bmm_logits(q, k), dim=-1)
+        standard = x + last.ls_1(self._merge_heads(last, _bmm(weights, v)))
+        standard = standard + last.ls_2(last.mlp(last.ln_2(standard)))
+        x_cls = visual.ln_post(standard[:, 0]) @ visual.proj
+        attention = weights.float().mean(dim=1) if capture_attention else None
+        return EncodedCrops(grid=grid, block_input=x, q=q, k=k, v=v, x_cls=x_cls,
+                            attention=attention, mid_features=mid_features)
+
+    def dense_features(self, encoded: EncodedCrops, logit_bias: Optional[Tensor] = None,
+                       probs_hook: Optional[ProbsHook] = None) -> Tensor:
+        q, k, v = encoded.q, encoded.k, encoded.v
+        name = self.attention_name
+        bias = 0 if logit_bias is None else logit_bias[:, None].to(q.dtype)
+        if name == 'naclip':
+            bias = bias + gaussian_window(encoded.grid, self.gaussian_std, q.device, q.dtype)
+        if name == 'maskclip':
+            heads = v
+        else:
+            if name == 'vanilla':
+                weights = F.softmax(_bmm_logits(q, k) + bias, dim=-1)
+            elif name == 'sclip':
+                weights = (F.softmax(_bmm_logits(q, q) + bias, dim=-1) +
+                           F.softmax(_bmm_logits(k, k) + bias, dim=-1))
+            elif name == 'clearclip':
+                weights = F.softmax(_bmm_logits(q, q) + bias, dim=-1)
+            elif name == 'naclip':
+                weights = F.softmax(_bmm_logits(k, k) + bias, dim=-1)
+            else:  # gated
+                gate = torch.sigmoid(_bmm_logits(q, q))
+                weights = F.softmax(gate * _bmm_logits(k, k) + bias, dim=-1)
+            if probs_hook is not None:
+                weights = probs_hook(weights).to(v.dtype)
+            heads = _bmm(weights, v)
+        last = self.visual.transformer.resblocks[-1]
+        x = self._merge_heads(last, heads)
+        if self.variant.keep_residual:
+            x = encoded.block_input + last.ls_1(x)
+            x = x + last.ls_2(last.mlp(last.ln_2(x)))
+        return self.visual.ln_post(x[:, 1:]) @ self.visual.proj
+
+
+def _bmm_logits(a: Tensor, b: Tensor) -> Tensor:
+    """Scaled a b^T per head with heads folded into the batch, as the published code."""
+    batch, heads, tokens, dim = a.shape
+    logits = torch.bmm(a.reshape(-1, tokens, dim), b.reshape(-1, tokens, dim).transpose(1, 2))
+    return (logits * dim**-0.5).view(batch, heads, tokens, tokens)
+
+
+def _bmm(weights: Tensor, v: Tensor) -> Tensor:
+    batch, heads, tokens, dim = v.shape
+    return torch.bmm(weights.reshape(-1, tokens, tokens), v.reshape(-1, tokens, dim)).view(
+        batch, heads, tokens, dim)
+
+
+def reference_loop(segmentor: nn.Module, dtype: torch.dtype = torch.float16):
+    """A copy of ``segmentor`` that runs like the published code: ``ReferenceEncoder`` in
+    ``dtype``, one crop per forward, no autocast (images must be predicted one by one)."""
+    reference = copy.copy(segmentor)  # shares text embeddings, stages and post-processing
+    reference._modules = dict(segmentor._modules)
+    reference._modules['encoder'] = ReferenceEncoder(segmentor.encoder, dtype)
+    reference.max_crops_per_forward = 1
+    reference.autocast_dtype = None
+    reference._window_counts = {}
+    return reference

@@ -1,0 +1,43 @@
+"""The published-style reference loop (the benchmark's yardstick) gives our outputs."""
+import pytest
+import torch
+from mmseg.registry import MODELS
+
+from mmseg_selfattn.dense_attention import DENSE_VARIANTS
+from mmseg_selfattn.reference_loop import ReferenceEncoder, reference_loop
+from mmseg_selfattn.stages import PIPELINE_STAGES
+
+from conftest import TINY_ARCH
+
+
+def build(**overrides):
+    cfg = dict(type='SelfAttnCLIPSegmentor', clip=dict(arch=TINY_ARCH, pretrained=None),
+               class_names=['sky', 'tree, bush', 'road'], slide_crop=32, slide_stride=16,
+               similarity_enhancement_cfg=dict(layer=1),
+               ctd_cfg=dict(eps=0.5, min_samples=3), **overrides)
+    return MODELS.build(cfg)
+
+
+@pytest.mark.parametrize('attention', sorted(DENSE_VARIANTS))
+@pytest.mark.parametrize('mode', ['feature', 'attention'])
+def test_reference_loop_equals_batched_pipeline_in_fp32(attention, mode):
+    stages = {f'apply_{name}': True for name in PIPELINE_STAGES}
+    if attention == 'maskclip':
+        stages['apply_similarity_enhancement'] = False  # maskclip has no logits
+    model = build(attention=attention, self_attn_enhancement_cfg=dict(mode=mode), **stages)
+    reference = reference_loop(model, torch.float32)
+    image = torch.randn(3, 40, 56, generator=torch.Generator().manual_seed(0))
+    ours = model.slide_inference(image)
+    theirs = reference.slide_inference(image)
+    assert (ours - theirs).abs().max() <= 1e-4
+    assert isinstance(reference.encoder, ReferenceEncoder) and reference.max_crops_per_forward == 1
+    assert model.encoder is not reference.encoder  # the original is untouched
+
+
+def test_reference_encoder_in_half_precision_is_close():
+    model = build()
+    reference = reference_loop(model, torch.bfloat16)  # fp16 matmuls are slow on CPU
+    image = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert reference.encoder.visual.proj.dtype == torch.bfloat16
+    assert model.encoder.visual.proj.dtype == torch.float32
+    assert (model.slide_inference(image) - reference.slide_inference(image)).abs().max() < 0.05
