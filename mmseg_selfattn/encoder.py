@@ -104,7 +104,7 @@ class DenseCLIPEncoder(nn.Module):
             probs_hook: edits the dense attention P (B, H, T, T) before P @ V (stage 3).
         """
         last = self.visual.transformer.resblocks[-1]
-        bias = None if logit_bias is None else logit_bias.unsqueeze(1)
+        bias = None if logit_bias is None else logit_bias.unsqueeze(1).to(encoded.q.dtype)
         if self.variant.gaussian_window:
             window = gaussian_window(encoded.grid, self.gaussian_std, encoded.q.device,
                                      encoded.q.dtype)

@@ -100,11 +100,11 @@ def _bmm(weights: Tensor, v: Tensor) -> Tensor:
 
 def reference_loop(segmentor: nn.Module, dtype: torch.dtype = torch.float16):
     """A copy of ``segmentor`` that runs like the published code: ``ReferenceEncoder`` in
-    ``dtype``, one crop per forward, no autocast (images must be predicted one by one)."""
+    ``dtype``, one crop per forward (predict images one by one to reproduce the loop)."""
     reference = copy.copy(segmentor)  # shares text embeddings, stages and post-processing
     reference._modules = dict(segmentor._modules)
     reference._modules['encoder'] = ReferenceEncoder(segmentor.encoder, dtype)
     reference.max_crops_per_forward = 1
-    reference.autocast_dtype = None
+    reference.vit_dtype = dtype
     reference._window_counts = {}
     return reference

@@ -21,7 +21,7 @@ from .text_classifier import (ClassNames, TextClassifier, parse_class_names,
                               query_to_class_index, read_class_file)
 
 
-AUTOCAST_DTYPES = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+VIT_DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 
 @MODELS.register_module()
@@ -56,8 +56,9 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             the whole image as one crop.
         max_crops_per_forward: bounds the crops (of all images of a batch) sent
             through the ViT at once.
-        precision: 'fp32', or 'fp16' / 'bf16' autocast for the ViT (softmax and
-            LayerNorm stay fp32; stages 2-6 and the classifier run in fp32).
+        precision: dtype of the ViT's weights and activations, 'fp32', 'fp16' or
+            'bf16' (explicit softmaxes run in fp32, fused attention and LayerNorm
+            accumulate in fp32; stages 2-6 and the classifier always run in fp32).
         logit_scale: temperature of the softmax over queries.
         prob_thd / area_thd / bg_idx: low-confidence pixels and small classes go to
             class ``bg_idx``.
@@ -111,8 +112,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                              persistent=False)
         self.slide_crop, self.slide_stride = _check_window(slide_crop, slide_stride)
         self.max_crops_per_forward = check_int('max_crops_per_forward', max_crops_per_forward, 1)
-        self.autocast_dtype = AUTOCAST_DTYPES[check_choice('precision', precision,
-                                                           list(AUTOCAST_DTYPES))]
+        self.vit_dtype = VIT_DTYPES[check_choice('precision', precision, list(VIT_DTYPES))]
         self._window_counts: Dict[tuple, Tensor] = {}
         self.logit_scale = check_number('logit_scale', logit_scale, 0, low_open=True)
         self.prob_thd = check_number('prob_thd', prob_thd, 0, 1)
@@ -124,7 +124,10 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         clip_cfg = dict(arch='ViT-B-16', pretrained='openai')
         clip_cfg.update(clip or {})
         clip_model = load_clip(**clip_cfg)
-        self.encoder = DenseCLIPEncoder(clip_model.visual, attention, gaussian_std)
+        # half-precision weights rather than autocast: no per-call weight casts, and
+        # nn.MultiheadAttention keeps its fused inference path (autocast disables it)
+        self.encoder = DenseCLIPEncoder(clip_model.visual, attention, gaussian_std).to(
+            self.vit_dtype)
         self.text_classifier = TextClassifier(clip_model, clip_cfg['arch'])
 
         stage_switches = dict(
@@ -143,20 +146,20 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
     def crop_logits(self, crops: Tensor) -> Tensor:
         """Stages 1-7 on crops (B, 3, H, W) -> query logits (B, Q, H, W)."""
         similarity, self_attn = self.similarity_enhancement, self.self_attn_enhancement
-        with self._autocast(crops.device):
-            with self._timed('encode'):
-                encoded = self.encoder.encode(crops, capture_attention=self._needs_attention,
-                                              mid_layers=self._mid_layers)
-            attention_bias = probs_hook = None
-            if similarity is not None:
-                with self._timed('similarity_enhancement'):
-                    attention_bias = similarity.attention_bias(
-                        [encoded.mid_features[index] for index in self._mid_layers])
-            if self_attn is not None and self_attn.mode == 'attention':  # edits P in the block
-                with self._timed('self_attn_enhancement'):
-                    probs_hook = self_attn.probs_hook(self_attn.deficit(encoded.attention))
-            with self._timed('dense_block'):
-                features = self.encoder.dense_features(encoded, attention_bias, probs_hook)
+        crops = crops.to(self.vit_dtype)
+        with self._timed('encode'):
+            encoded = self.encoder.encode(crops, capture_attention=self._needs_attention,
+                                          mid_layers=self._mid_layers)
+        attention_bias = probs_hook = None
+        if similarity is not None:
+            with self._timed('similarity_enhancement'):
+                attention_bias = similarity.attention_bias(
+                    [encoded.mid_features[index] for index in self._mid_layers])
+        if self_attn is not None and self_attn.mode == 'attention':  # edits P in the block
+            with self._timed('self_attn_enhancement'):
+                probs_hook = self_attn.probs_hook(self_attn.deficit(encoded.attention))
+        with self._timed('dense_block'):
+            features = self.encoder.dense_features(encoded, attention_bias, probs_hook)
         # stages 2-6 and the classifier in fp32 (cheap, and DBSCAN's eps is precise)
         features, encoded.x_cls = features.float(), encoded.x_cls.float()
         if self_attn is not None and self_attn.mode == 'feature':  # rescales X
@@ -195,27 +198,35 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
     def batch_slide_inference(self, images: Sequence[Tensor]) -> List[Tensor]:
         """Query logits (Q, H, W) of normalised images (3, H, W) of any sizes.
 
-        The windows of all images are cut, grouped by crop shape and sent through the
-        pipeline ``max_crops_per_forward`` at a time; each image then averages the
-        logits of its overlapping windows.
+        Images of one size share their windows: as many whole images as fit in
+        ``max_crops_per_forward`` crops go through the pipeline together, and each
+        window's logits are added to all of them with one slice-add.
         """
-        placements = defaultdict(list)  # crop shape -> [(image index, window)]
+        by_size = defaultdict(list)  # (H, W) -> indices of the images of that size
         for index, image in enumerate(images):
-            for window in sliding_windows(*image.shape[-2:], self.slide_crop, self.slide_stride):
-                y1, y2, x1, x2 = window
-                placements[(y2 - y1, x2 - x1)].append((index, window))
-        summed: List[Optional[Tensor]] = [None] * len(images)
-        for (crop_h, crop_w), shape_placements in placements.items():
-            for start in range(0, len(shape_placements), self.max_crops_per_forward):
-                chunk = shape_placements[start:start + self.max_crops_per_forward]
-                crops = torch.stack([images[i][:, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in chunk])
+            by_size[tuple(image.shape[-2:])].append(index)
+        outputs: List[Optional[Tensor]] = [None] * len(images)
+        for size, indices in by_size.items():
+            windows = sliding_windows(*size, self.slide_crop, self.slide_stride)
+            crop_h, crop_w = windows[0][1] - windows[0][0], windows[0][3] - windows[0][2]
+            images_per_forward = max(1, self.max_crops_per_forward // len(windows))
+            for start in range(0, len(indices), images_per_forward):
+                group = indices[start:start + images_per_forward]
+                stacked = torch.stack([images[i] for i in group])  # (n, 3, H, W)
+                crops = torch.stack([stacked[..., y1:y2, x1:x2] for y1, y2, x1, x2 in windows],
+                                    dim=1).flatten(0, 1)  # (n * windows, 3, h, w), image-major
                 crops, (left, top) = pad_to_patch_multiple(crops, self.encoder.patch_size)
-                logits = self.crop_logits(crops)[..., top:top + crop_h, left:left + crop_w]
-                for (i, (y1, y2, x1, x2)), crop_logit in zip(chunk, logits):
-                    if summed[i] is None:
-                        summed[i] = logits.new_zeros((logits.shape[1], *images[i].shape[-2:]))
-                    summed[i][:, y1:y2, x1:x2] += crop_logit
-        return [total / self._window_count(total.shape[-2:], total.device) for total in summed]
+                logits = torch.cat([self.crop_logits(chunk)
+                                    for chunk in crops.split(self.max_crops_per_forward)])
+                logits = logits[..., top:top + crop_h, left:left + crop_w].unflatten(
+                    0, (len(group), len(windows)))
+                summed = logits.new_zeros((len(group), logits.shape[2], *size))
+                for window_index, (y1, y2, x1, x2) in enumerate(windows):
+                    summed[..., y1:y2, x1:x2] += logits[:, window_index]
+                summed /= self._window_count(size, summed.device)
+                for position, index in enumerate(group):
+                    outputs[index] = summed[position]
+        return outputs
 
     def _window_count(self, size: Tuple[int, int], device: torch.device) -> Tensor:
         """How many windows cover each pixel of an image of this size (cached per size)."""
@@ -313,11 +324,6 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         # the captured attention A feeds stages 3 and 4
         self._needs_attention = (self.self_attn_enhancement is not None
                                  or self.outlier_suppression is not None)
-
-    def _autocast(self, device: torch.device):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     def _timed(self, stage: str):
         return self.timer(stage) if self.timer is not None else nullcontext()

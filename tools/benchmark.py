@@ -68,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--no-stages', action='store_true', help='stages 2-6 off')
     parser.add_argument('--scaling', action='store_true',
                         help='also images/s vs short side and vs batch size')
+    parser.add_argument('--profile', action='store_true',
+                        help='print torch.profiler tables of one batched pass')
     parser.add_argument('--json', help='write the report here')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args()
@@ -230,7 +232,22 @@ def measure(args, precision: str) -> dict:
             for image in few)
     if args.scaling:
         report['scaling'] = scaling(model, args)
+    if args.profile:
+        profile(model, images[:max(args.batch_sizes)])
     return report
+
+
+def profile(model, images) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    batch = as_batch(images)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if images[0].is_cuda else [])
+    with torch_profile(activities=activities) as prof:
+        model.predict(*batch)
+        synchronize(images[0].device)
+    sort = 'self_cuda_time_total' if images[0].is_cuda else 'self_cpu_time_total'
+    print(prof.key_averages().table(sort_by=sort, row_limit=25))
 
 
 def scaling(model, args) -> dict:

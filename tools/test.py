@@ -10,6 +10,7 @@ import argparse
 import os
 import os.path as osp
 import sys
+import time
 
 # Usable from a plain checkout: the repo root goes on sys.path, and the
 # package is imported before mmseg so that its mmcv.ops stand-in is in place.
@@ -113,11 +114,16 @@ def main() -> None:
         cfg.model_wrapper_cfg = dict(type='InferenceOnlyWrapper')
 
     runner = Runner.from_cfg(cfg)
+    start = time.perf_counter()
     metrics = runner.test()
+    seconds = time.perf_counter() - start
 
     if runner.rank == 0:  # IoUMetric reports percentages
         print(', '.join(f'{name}: {value:.2f}'
                         for name, value in metrics.items()), flush=True)
+        images = len(runner.test_dataloader.dataset)
+        print(f'{images} images in {seconds:.1f} s ({images / seconds:.1f} images/s, '
+              'test loop incl. data loading and evaluation)', flush=True)
 
 
 if __name__ == '__main__':
