@@ -1,8 +1,3 @@
 # Full six-stage pipeline with the default stage settings of _base_/models.
-_base_ = './selfattn_vit-b16_ade20k.py'
-model = dict(
-    apply_similarity_enhancement=True,
-    apply_self_attn_enhancement=True,
-    apply_outlier_suppression=True,
-    apply_global_debias=True,
-    apply_ctd=True)
+_base_ = ['./selfattn_vit-b16_ade20k.py', '../_base_/all_stages.py']
+model = {{_base_.all_stages_on}}
