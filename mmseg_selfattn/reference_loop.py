@@ -8,6 +8,7 @@ that on the weights of a ``DenseCLIPEncoder`` and offers the same interface, so
 and measure our speed-up at equal output.
 """
 import copy
+import types
 from typing import Optional, Sequence
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from .dense_attention import ProbsHook, gaussian_window
 from .encoder import DenseCLIPEncoder, EncodedCrops
+from .sliding_window import published_slide_inference
 
 
 class ReferenceEncoder(DenseCLIPEncoder):
@@ -100,11 +102,12 @@ def _bmm(weights: Tensor, v: Tensor) -> Tensor:
 
 def reference_loop(segmentor: nn.Module, dtype: torch.dtype = torch.float16):
     """A copy of ``segmentor`` that runs like the published code: ``ReferenceEncoder`` in
-    ``dtype``, one crop per forward (predict images one by one to reproduce the loop)."""
+    ``dtype``, one crop per forward, each crop upsampled, padded into the image and
+    added (``published_slide_inference``)."""
     reference = copy.copy(segmentor)  # shares text embeddings, stages and post-processing
     reference._modules = dict(segmentor._modules)
     reference._modules['encoder'] = ReferenceEncoder(segmentor.encoder, dtype)
     reference.max_crops_per_forward = 1
     reference.vit_dtype = dtype
-    reference._window_counts = {}
+    reference.batch_slide_inference = types.MethodType(published_slide_inference, reference)
     return reference

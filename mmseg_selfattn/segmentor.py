@@ -15,6 +15,8 @@ from .clip_loader import load_clip
 from .config_checks import check_choice, check_int, check_number
 from .encoder import DenseCLIPEncoder
 from .pamr import PAMR
+from .sliding_window import (WindowMerge, pad_to_patch_multiple, published_slide_inference,
+                             sliding_windows)
 from .stages import build_stage
 from .stages.global_debias import cls_logit_bias
 from .text_classifier import (ClassNames, TextClassifier, parse_class_names,
@@ -113,7 +115,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         self.slide_crop, self.slide_stride = _check_window(slide_crop, slide_stride)
         self.max_crops_per_forward = check_int('max_crops_per_forward', max_crops_per_forward, 1)
         self.vit_dtype = VIT_DTYPES[check_choice('precision', precision, list(VIT_DTYPES))]
-        self._window_counts: Dict[tuple, Tensor] = {}
+        self._window_merges: Dict[tuple, WindowMerge] = {}
         self.logit_scale = check_number('logit_scale', logit_scale, 0, low_open=True)
         self.prob_thd = check_number('prob_thd', prob_thd, 0, 1)
         self.area_thd = check_number('area_thd', area_thd, 0, 1)
@@ -144,7 +146,12 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
 
     # -- pipeline on a batch of crops ------------------------------------------------------
     def crop_logits(self, crops: Tensor) -> Tensor:
-        """Stages 1-7 on crops (B, 3, H, W) -> query logits (B, Q, H, W)."""
+        """Query logits (B, Q, H, W) of crops (B, 3, H, W), bilinear from the patch grid."""
+        return F.interpolate(self.crop_patch_logits(crops), size=crops.shape[-2:],
+                             mode='bilinear')
+
+    def crop_patch_logits(self, crops: Tensor) -> Tensor:
+        """Stages 1-7 on crops (B, 3, H, W) -> query logits on the patch grid (B, Q, h, w)."""
         similarity, self_attn = self.similarity_enhancement, self.self_attn_enhancement
         crops = crops.to(self.vit_dtype)
         with self._timed('encode'):
@@ -177,9 +184,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                 features = self.ctd(features, encoded.x_cls)
         with self._timed('classify'):
             logits = self.classify(features, encoded.x_cls)  # (B, N, Q)
-            h, w = encoded.grid
-            logits = logits.transpose(1, 2).reshape(crops.shape[0], -1, h, w)
-            return F.interpolate(logits, size=crops.shape[-2:], mode='bilinear')
+            return logits.transpose(1, 2).unflatten(-1, encoded.grid)
 
     def classify(self, features: Tensor, x_cls: Optional[Tensor] = None) -> Tensor:
         """cos(X_i, t_q) for every patch and query, (B, N, D) -> (B, N, Q), plus
@@ -191,52 +196,49 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         return logits
 
     # -- whole image -----------------------------------------------------------------------
-    def slide_inference(self, image: Tensor) -> Tensor:
+    def slide_inference(self, image: Tensor, output_size: Optional[Tuple[int, int]] = None
+                        ) -> Tensor:
         """Query logits (Q, H, W) of one normalised image (3, H, W)."""
-        return self.batch_slide_inference([image])[0]
+        return self.batch_slide_inference([image], None if output_size is None else
+                                          [output_size])[0]
 
-    def batch_slide_inference(self, images: Sequence[Tensor]) -> List[Tensor]:
-        """Query logits (Q, H, W) of normalised images (3, H, W) of any sizes.
+    def batch_slide_inference(self, images: Sequence[Tensor],
+                              output_sizes: Optional[Sequence[Tuple[int, int]]] = None
+                              ) -> List[Tensor]:
+        """Query logits (Q, H', W') of normalised images (3, H, W) of any sizes, at
+        ``output_sizes`` (default: each image's own size).
 
         Images of one size share their windows: as many whole images as fit in
-        ``max_crops_per_forward`` crops go through the pipeline together, and each
-        window's logits are added to all of them with one slice-add.
+        ``max_crops_per_forward`` crops go through the pipeline together. Bilinear
+        upsampling of every crop, overlap averaging and the resize to the output size
+        are all linear and separable, so they run as two matrix products per batch of
+        images straight from the patch-grid logits (``WindowMerge``).
         """
-        by_size = defaultdict(list)  # (H, W) -> indices of the images of that size
-        for index, image in enumerate(images):
-            by_size[tuple(image.shape[-2:])].append(index)
+        output_sizes = output_sizes or [tuple(image.shape[-2:]) for image in images]
+        groups = defaultdict(list)  # (image size, output size) -> image indices
+        for index, (image, output_size) in enumerate(zip(images, output_sizes)):
+            groups[(tuple(image.shape[-2:]), tuple(output_size))].append(index)
         outputs: List[Optional[Tensor]] = [None] * len(images)
-        for size, indices in by_size.items():
-            windows = sliding_windows(*size, self.slide_crop, self.slide_stride)
-            crop_h, crop_w = windows[0][1] - windows[0][0], windows[0][3] - windows[0][2]
-            images_per_forward = max(1, self.max_crops_per_forward // len(windows))
+        for (size, output_size), indices in groups.items():
+            merge = self._window_merge(size, output_size, images[indices[0]].device)
+            images_per_forward = max(1, self.max_crops_per_forward // merge.num_windows)
             for start in range(0, len(indices), images_per_forward):
                 group = indices[start:start + images_per_forward]
-                stacked = torch.stack([images[i] for i in group])  # (n, 3, H, W)
-                crops = torch.stack([stacked[..., y1:y2, x1:x2] for y1, y2, x1, x2 in windows],
-                                    dim=1).flatten(0, 1)  # (n * windows, 3, h, w), image-major
-                crops, (left, top) = pad_to_patch_multiple(crops, self.encoder.patch_size)
-                logits = torch.cat([self.crop_logits(chunk)
+                crops = merge.cut(torch.stack([images[i] for i in group]))
+                logits = torch.cat([self.crop_patch_logits(chunk)
                                     for chunk in crops.split(self.max_crops_per_forward)])
-                logits = logits[..., top:top + crop_h, left:left + crop_w].unflatten(
-                    0, (len(group), len(windows)))
-                summed = logits.new_zeros((len(group), logits.shape[2], *size))
-                for window_index, (y1, y2, x1, x2) in enumerate(windows):
-                    summed[..., y1:y2, x1:x2] += logits[:, window_index]
-                summed /= self._window_count(size, summed.device)
-                for position, index in enumerate(group):
-                    outputs[index] = summed[position]
+                for index, merged in zip(group, merge(logits)):
+                    outputs[index] = merged
         return outputs
 
-    def _window_count(self, size: Tuple[int, int], device: torch.device) -> Tensor:
-        """How many windows cover each pixel of an image of this size (cached per size)."""
-        key = (*size, str(device))
-        if key not in self._window_counts:
-            count = torch.zeros((1, *size), device=device)
-            for y1, y2, x1, x2 in sliding_windows(*size, self.slide_crop, self.slide_stride):
-                count[:, y1:y2, x1:x2] += 1
-            self._window_counts[key] = count
-        return self._window_counts[key]
+    def _window_merge(self, size: Tuple[int, int], output_size: Tuple[int, int],
+                      device: torch.device) -> 'WindowMerge':
+        key = (size, output_size, str(device))
+        if key not in self._window_merges:
+            self._window_merges[key] = WindowMerge(size, output_size, self.slide_crop,
+                                                   self.slide_stride, self.encoder.patch_size,
+                                                   device)
+        return self._window_merges[key]
 
     @torch.no_grad()
     def predict(self, inputs: Tensor,
@@ -247,12 +249,11 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         # drop the batch padding: every image at its own (resized) size
         images = [image[:, :meta['img_shape'][0], :meta['img_shape'][1]]
                   for image, meta in zip(inputs, metas)]
+        original_sizes = [tuple(meta['ori_shape'][:2]) for meta in metas]
         seg_logits = []
-        for image, logits, meta in zip(images, self.batch_slide_inference(images), metas):
-            logits, (height, width) = logits[None], image.shape[-2:]
-            original_size = tuple(meta['ori_shape'][:2])
-            if original_size != (height, width):
-                logits = F.interpolate(logits, size=original_size, mode='bilinear')
+        for image, logits, original_size in zip(
+                images, self.batch_slide_inference(images, original_sizes), original_sizes):
+            logits = logits[None]
             if self.pamr is not None:
                 resized = F.interpolate(image[None], size=original_size, mode='bilinear')
                 logits = self.pamr(resized, logits.to(resized.dtype))
@@ -345,33 +346,6 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         if not dilations or any(not isinstance(d, int) or d < 1 for d in dilations):
             raise ValueError(f'pamr_stride (PAMR dilations) must be positive ints, got {stride}.')
         return PAMR(steps, dilations) if steps else None
-
-
-def sliding_windows(height: int, width: int, crop: int,
-                    stride: int) -> List[Tuple[int, int, int, int]]:
-    """(y1, y2, x1, x2) of every window, as mmseg/SCLIP place them; all of one size,
-    shrunk to the image where it is smaller than the crop. ``crop=0``: the whole image."""
-    if crop == 0:
-        return [(0, height, 0, width)]
-    rows = max(height - crop + stride - 1, 0) // stride + 1
-    cols = max(width - crop + stride - 1, 0) // stride + 1
-    windows = []
-    for row in range(rows):
-        for col in range(cols):
-            y2, x2 = min(row * stride + crop, height), min(col * stride + crop, width)
-            windows.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
-    return windows
-
-
-def pad_to_patch_multiple(crops: Tensor, patch_size: Tuple[int, int]):
-    """Zero-pad (B, C, H, W) evenly on both sides to multiples of the patch size;
-    returns the padded crops and the (left, top) offsets."""
-    height, width = crops.shape[-2:]
-    pad_h, pad_w = -height % patch_size[0], -width % patch_size[1]
-    left, top = pad_w // 2, pad_h // 2
-    if pad_h or pad_w:
-        crops = F.pad(crops, (left, pad_w - left, top, pad_h - top))
-    return crops, (left, top)
 
 
 def _image_metas(inputs: Tensor, data_samples: Optional[List[SegDataSample]]) -> List[dict]:

@@ -1,0 +1,130 @@
+"""Sliding-window inference: window placement and the recomposition of crop logits.
+
+The published methods upsample every crop's patch-grid logits bilinearly to the crop,
+add them into the image, divide by the number of windows covering each pixel and
+resize to the original image (``published_slide_inference``, kept for the reference
+loop). Every one of those steps is linear and separable along rows and columns, so
+``WindowMerge`` does them all at once: Y = R (sum_j A_j X_j B_j^T) C^T with fixed
+per-window matrices, i.e. two matrix products from the patch logits X_j to the output.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sliding_windows(height: int, width: int, crop: int,
+                    stride: int) -> List[Tuple[int, int, int, int]]:
+    """(y1, y2, x1, x2) of every window, as mmseg/SCLIP place them; all of one size,
+    shrunk to the image where it is smaller than the crop. ``crop=0``: the whole image."""
+    if crop == 0:
+        return [(0, height, 0, width)]
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    windows = []
+    for row in range(rows):
+        for col in range(cols):
+            y2, x2 = min(row * stride + crop, height), min(col * stride + crop, width)
+            windows.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return windows
+
+
+def pad_to_patch_multiple(crops: Tensor, patch_size: Tuple[int, int]):
+    """Zero-pad (B, C, H, W) evenly on both sides to multiples of the patch size;
+    returns the padded crops and the (left, top) offsets."""
+    height, width = crops.shape[-2:]
+    pad_h, pad_w = -height % patch_size[0], -width % patch_size[1]
+    left, top = pad_w // 2, pad_h // 2
+    if pad_h or pad_w:
+        crops = F.pad(crops, (left, pad_w - left, top, pad_h - top))
+    return crops, (left, top)
+
+
+def linear_resize_matrix(size_in: int, size_out: int, device=None) -> Tensor:
+    """(size_out, size_in): 1-D linear interpolation exactly as ``F.interpolate``
+    (align_corners=False) computes it; bilinear resizing of X is M_rows X M_cols^T."""
+    eye = torch.eye(size_in, device=device)
+    return F.interpolate(eye[:, None], size=size_out, mode='linear', align_corners=False)[:, 0].T
+
+
+class WindowMerge:
+    """Cuts the windows of images of one size and merges their patch logits.
+
+    Args:
+        size: (H, W) of the images.
+        output_size: (H', W') of the merged logits (e.g. the original image size).
+        crop, stride: the sliding window (``crop=0``: whole image).
+        patch_size: the ViT's (ph, pw); crops are zero-padded to multiples of it.
+    """
+
+    def __init__(self, size: Tuple[int, int], output_size: Tuple[int, int], crop: int,
+                 stride: int, patch_size: Tuple[int, int], device=None):
+        self.windows = sliding_windows(*size, crop, stride)
+        self.num_windows = len(self.windows)
+        self.patch_size = patch_size
+        y1, y2, x1, x2 = self.windows[0]
+        self.crop_size = (y2 - y1, x2 - x1)
+        padded = [-(-side // patch) * patch for side, patch in zip(self.crop_size, patch_size)]
+        self.grid = (padded[0] // patch_size[0], padded[1] // patch_size[1])
+        rows = [(y1, y2) for y1, y2, _, _ in self.windows]
+        cols = [(x1, x2) for _, _, x1, x2 in self.windows]
+        assert len(self.windows) == len(set(rows)) * len(set(cols)), 'windows form a grid'
+        # (H', windows * h) and (W', windows * w): upsample, place, average, resize
+        self.row_matrix = self._axis_matrix(rows, size[0], output_size[0], padded[0],
+                                            self.grid[0], device)
+        self.col_matrix = self._axis_matrix(cols, size[1], output_size[1], padded[1],
+                                            self.grid[1], device)
+
+    def _axis_matrix(self, spans, size, output_size, padded, grid, device) -> Tensor:
+        length = spans[0][1] - spans[0][0]
+        offset = (padded - length) // 2  # pad_to_patch_multiple pads evenly
+        upsample = linear_resize_matrix(grid, padded, device)[offset:offset + length]
+        coverage = torch.zeros(size, device=device)
+        for start, end in set(spans):
+            coverage[start:end] += 1
+        blocks = []
+        for start, end in spans:
+            block = torch.zeros(size, grid, device=device)
+            block[start:end] = upsample
+            blocks.append(block / coverage[:, None])
+        resize = linear_resize_matrix(size, output_size, device)
+        return resize @ torch.cat(blocks, dim=1)
+
+    def cut(self, images: Tensor) -> Tensor:
+        """(n, 3, H, W) -> padded crops (n * windows, 3, h, w), image-major."""
+        crops = torch.stack([images[..., y1:y2, x1:x2] for y1, y2, x1, x2 in self.windows],
+                            dim=1).flatten(0, 1)
+        return pad_to_patch_multiple(crops, self.patch_size)[0]
+
+    def __call__(self, patch_logits: Tensor) -> Tensor:
+        """(n * windows, Q, h, w) patch-grid logits -> (n, Q, H', W') merged logits."""
+        logits = patch_logits.float().unflatten(0, (-1, self.num_windows))  # (n, J, Q, h, w)
+        n, windows, queries, h, w = logits.shape
+        col_matrix = self.col_matrix.view(-1, windows, w).permute(1, 2, 0)  # (J, w, W')
+        rows_done = logits @ col_matrix[None, :, None]  # (n, J, Q, h, W')
+        stacked = rows_done.transpose(1, 2).reshape(n, queries, windows * h, -1)
+        return self.row_matrix @ stacked  # (n, Q, H', W')
+
+
+def published_slide_inference(segmentor, images: Sequence[Tensor],
+                              output_sizes: Optional[Sequence[Tuple[int, int]]] = None
+                              ) -> List[Tensor]:
+    """SCLIP/NACLIP's ``forward_slide``: one crop at a time, upsample, pad into the image,
+    add, divide by the count, resize to the output size."""
+    outputs = []
+    for index, image in enumerate(images):
+        height, width = image.shape[-2:]
+        summed, count = 0, image.new_zeros((1, height, width))
+        for y1, y2, x1, x2 in sliding_windows(height, width, segmentor.slide_crop,
+                                              segmentor.slide_stride):
+            crop, (left, top) = pad_to_patch_multiple(image[None, :, y1:y2, x1:x2],
+                                                      segmentor.encoder.patch_size)
+            logits = segmentor.crop_logits(crop)[0, :, top:top + y2 - y1, left:left + x2 - x1]
+            summed = summed + F.pad(logits, (x1, width - x2, y1, height - y2))
+            count[:, y1:y2, x1:x2] += 1
+        logits = (summed / count)[None]
+        if output_sizes is not None and tuple(output_sizes[index]) != (height, width):
+            logits = F.interpolate(logits, size=tuple(output_sizes[index]), mode='bilinear')
+        outputs.append(logits[0])
+    return outputs
