@@ -15,8 +15,7 @@ from .clip_loader import load_clip
 from .config_checks import check_choice, check_int, check_number
 from .encoder import DenseCLIPEncoder
 from .pamr import PAMR
-from .sliding_window import (WindowMerge, pad_to_patch_multiple, published_slide_inference,
-                             sliding_windows)
+from .sliding_window import WindowMerge, pad_to_patch_multiple
 from .stages import build_stage
 from .stages.global_debias import cls_logit_bias
 from .text_classifier import (ClassNames, TextClassifier, parse_class_names,
@@ -32,9 +31,9 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
 
     Call graph (SPEC §1-2)::
 
-        predict(): for each image
-            slide_inference(): crops of the window, batched
-                crop_logits(): per batch of crops
+        predict(): a batch of images of any sizes
+            batch_slide_inference(): windows of all images, max_crops_per_forward per call
+                crop_patch_logits(): per batch of crops
                     1 encoder.encode()            standard forward, captures A, q/k/v, x_cls
                     2 similarity enhancement      logits bias from mid-layer similarity
                       encoder.dense_features()    last block in the `attention` variant -> X
@@ -42,8 +41,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                     4 outlier suppression         replaces high A[cls,i]/A[i,i] tokens
                     5 global debias               removes x_cls from X
                     6 CTD                         cluster-wise x_cls removal
-                    7 classify                    cos(X, text queries), to crop size
-                overlap-average the crops, resize to the original image
+                    7 classify                    cos(X, text queries) on the patch grid
+                WindowMerge: upsample each crop, overlap-average, resize to the original
             PAMR (pamr_steps > 0)
             postprocess_result(): softmax(logit_scale * logits), max over synonyms,
                 area_thd / prob_thd -> bg_idx
@@ -232,7 +231,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         return outputs
 
     def _window_merge(self, size: Tuple[int, int], output_size: Tuple[int, int],
-                      device: torch.device) -> 'WindowMerge':
+                      device: torch.device) -> WindowMerge:
         key = (size, output_size, str(device))
         if key not in self._window_merges:
             self._window_merges[key] = WindowMerge(size, output_size, self.slide_crop,

@@ -7,7 +7,7 @@ device, so a dataset's queries are embedded once.
 """
 import re
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import open_clip
 import torch

@@ -1,11 +1,10 @@
 """Whole-image inference of the registered segmentor."""
 import pytest
 import torch
-from mmengine.structures import PixelData
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 
-from mmseg_selfattn.segmentor import SelfAttnCLIPSegmentor, pad_to_patch_multiple, sliding_windows
+from mmseg_selfattn.sliding_window import pad_to_patch_multiple, sliding_windows
 
 from conftest import TINY_ARCH
 

@@ -38,7 +38,7 @@ from mmseg.registry import MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 
 from mmseg_selfattn.reference_loop import reference_loop  # noqa: E402
-from mmseg_selfattn.segmentor import sliding_windows  # noqa: E402
+from mmseg_selfattn.sliding_window import sliding_windows  # noqa: E402
 from mmseg_selfattn.stages import PIPELINE_STAGES  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
