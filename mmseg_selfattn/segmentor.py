@@ -57,6 +57,9 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             the whole image as one crop.
         max_crops_per_forward: bounds the crops (of all images of a batch) sent
             through the ViT at once.
+        compile: ``torch.compile`` the encoder's two calls (mode 'reduce-overhead': CUDA
+            graphs on GPU, against kernel-launch-bound small batches); first calls of
+            each crop shape are slow.
         precision: dtype of the ViT's weights and activations, 'fp32', 'fp16' or
             'bf16' (explicit softmaxes run in fp32, fused attention and LayerNorm
             accumulate in fp32; stages 2-6 and the classifier always run in fp32).
@@ -81,6 +84,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                  slide_stride: int = 112,
                  max_crops_per_forward: int = 64,
                  precision: str = 'fp32',
+                 compile: bool = False,
                  logit_scale: float = 40.0,
                  prob_thd: float = 0.0,
                  area_thd: float = 0.0,
@@ -142,6 +146,14 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         self.cls_token_lambda = check_number('cls_token_lambda', cls_token_lambda)
         self._check_stage_compatibility(attention)
         self.timer = None  # optional `timer(stage_name)` context manager (tools/benchmark.py)
+        if not isinstance(compile, bool):
+            raise ValueError(f'compile must be True or False, got {compile!r}.')
+        self._encode, self._dense_features = self.encoder.encode, self.encoder.dense_features
+        self.compiled = compile
+        if compile:
+            self._encode = torch.compile(self.encoder.encode, mode='reduce-overhead')
+            self._dense_features = torch.compile(self.encoder.dense_features,
+                                                 mode='reduce-overhead')
 
     # -- pipeline on a batch of crops ------------------------------------------------------
     def crop_logits(self, crops: Tensor) -> Tensor:
@@ -153,9 +165,11 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         """Stages 1-7 on crops (B, 3, H, W) -> query logits on the patch grid (B, Q, h, w)."""
         similarity, self_attn = self.similarity_enhancement, self.self_attn_enhancement
         crops = crops.to(self.vit_dtype)
+        if self.compiled:  # a new CUDA-graph step: outputs of earlier calls are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
         with self._timed('encode'):
-            encoded = self.encoder.encode(crops, capture_attention=self._needs_attention,
-                                          mid_layers=self._mid_layers)
+            encoded = self._encode(crops, capture_attention=self._needs_attention,
+                                   mid_layers=self._mid_layers)
         attention_bias = probs_hook = None
         if similarity is not None:
             with self._timed('similarity_enhancement'):
@@ -165,7 +179,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             with self._timed('self_attn_enhancement'):
                 probs_hook = self_attn.probs_hook(self_attn.deficit(encoded.attention))
         with self._timed('dense_block'):
-            features = self.encoder.dense_features(encoded, attention_bias, probs_hook)
+            features = self._dense_features(encoded, attention_bias, probs_hook)
         # stages 2-6 and the classifier in fp32 (cheap, and DBSCAN's eps is precise)
         features, encoded.x_cls = features.float(), encoded.x_cls.float()
         if self_attn is not None and self_attn.mode == 'feature':  # rescales X

@@ -163,6 +163,7 @@ def test_name_path_file(tmp_path):
      'similarity_enhancement_cfg.layer: mid layer 5 is out of range'),
     (dict(similarity_enhancement_cfg=dict(type='NoSuchStage')), 'type is not registered'),
     (dict(cls_token_lambda='a'), 'cls_token_lambda must be a number'),
+    (dict(compile='yes'), 'compile must be True or False'),
     (dict(clip=dict(arch='RN50', pretrained=None)), "clip.arch='RN50' is not supported"),
 ])
 def test_bad_config_fails_at_build(overrides, message):
