@@ -106,9 +106,9 @@ def reference_loop(segmentor: nn.Module, dtype: torch.dtype = torch.float16):
     added (``published_slide_inference``)."""
     reference = copy.copy(segmentor)  # shares text embeddings, stages and post-processing
     reference._modules = dict(segmentor._modules)
-    encoder = reference._modules['encoder'] = ReferenceEncoder(segmentor.encoder, dtype)
-    reference._encode, reference._dense_features = encoder.encode, encoder.dense_features
+    reference._modules['encoder'] = ReferenceEncoder(segmentor.encoder, dtype)
     reference.max_crops_per_forward = 1
+    reference.compiled = False
     reference.vit_dtype = dtype
     reference.batch_slide_inference = types.MethodType(published_slide_inference, reference)
     return reference

@@ -148,12 +148,11 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         self.timer = None  # optional `timer(stage_name)` context manager (tools/benchmark.py)
         if not isinstance(compile, bool):
             raise ValueError(f'compile must be True or False, got {compile!r}.')
-        self._encode, self._dense_features = self.encoder.encode, self.encoder.dense_features
         self.compiled = compile
-        if compile:
-            self._encode = torch.compile(self.encoder.encode, mode='reduce-overhead')
-            self._dense_features = torch.compile(self.encoder.dense_features,
-                                                 mode='reduce-overhead')
+        if compile:  # compiled on this encoder instance only (a reference copy stays eager)
+            for call in ('encode', 'dense_features'):
+                setattr(self.encoder, call,
+                        torch.compile(getattr(self.encoder, call), mode='reduce-overhead'))
 
     # -- pipeline on a batch of crops ------------------------------------------------------
     def crop_logits(self, crops: Tensor) -> Tensor:
@@ -168,8 +167,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         if self.compiled:  # a new CUDA-graph step: outputs of earlier calls are no longer read
             torch.compiler.cudagraph_mark_step_begin()
         with self._timed('encode'):
-            encoded = self._encode(crops, capture_attention=self._needs_attention,
-                                   mid_layers=self._mid_layers)
+            encoded = self.encoder.encode(crops, capture_attention=self._needs_attention,
+                                          mid_layers=self._mid_layers)
         attention_bias = probs_hook = None
         if similarity is not None:
             with self._timed('similarity_enhancement'):
@@ -179,7 +178,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             with self._timed('self_attn_enhancement'):
                 probs_hook = self_attn.probs_hook(self_attn.deficit(encoded.attention))
         with self._timed('dense_block'):
-            features = self._dense_features(encoded, attention_bias, probs_hook)
+            features = self.encoder.dense_features(encoded, attention_bias, probs_hook)
         # stages 2-6 and the classifier in fp32 (cheap, and DBSCAN's eps is precise)
         features, encoded.x_cls = features.float(), encoded.x_cls.float()
         if self_attn is not None and self_attn.mode == 'feature':  # rescales X

@@ -231,7 +231,7 @@ def measure(args, precision: str) -> dict:
             (model.slide_inference(image) - reference.slide_inference(image)).abs().max().item()
             for image in few)
     if args.scaling:
-        report['scaling'] = scaling(model, args)
+        report['scaling'] = scaling(model, cfg, args)
     if args.profile:
         profile(model, images[:max(args.batch_sizes)])
     return report
@@ -250,12 +250,12 @@ def profile(model, images) -> None:
     print(prof.key_averages().table(sort_by=sort, row_limit=25))
 
 
-def scaling(model, args) -> dict:
+def scaling(model, cfg, args) -> dict:
     sides = {}
     for short_side in (336, 448, 672, 1024):
         images = load_images(args, short_side)
         sides[short_side] = dict(
-            crops_per_image=crops_per_image(images, model_cfg(args)),
+            crops_per_image=crops_per_image(images, cfg),
             latency_images_per_s=1 / seconds_per_image(model, images[:args.latency_images], 1,
                                                        args),
             batched_images_per_s=1 / seconds_per_image(model, images, max(args.batch_sizes),
