@@ -30,6 +30,16 @@ class EncodedCrops:
     mid_features: Dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (B, N, C)
 
 
+def patch_embed_as_matmul(conv: nn.Conv2d, crops: torch.Tensor,
+                          grid: Tuple[int, int]) -> torch.Tensor:
+    """``conv(crops).flatten(2).transpose(1, 2)`` for a conv with kernel = stride, as one
+    matmul over the unfolded patches: (B, 3, H, W) -> (B, h * w, C)."""
+    (ph, pw), (h, w) = conv.kernel_size, grid
+    patches = crops.unflatten(2, (h, ph)).unflatten(4, (w, pw))  # (B, 3, h, ph, w, pw)
+    patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(crops.shape[0], h * w, -1)
+    return F.linear(patches, conv.weight.flatten(1), conv.bias)
+
+
 class DenseCLIPEncoder(nn.Module):
     """Wraps an open_clip ``VisionTransformer`` (weights shared, not copied).
 
@@ -129,10 +139,17 @@ class DenseCLIPEncoder(nn.Module):
 
     def _embed(self, crops: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         visual = self.visual
-        x = visual.conv1(crops).flatten(2).transpose(1, 2)  # (B, N, C)
+        x = self._patch_embed(crops, grid)  # (B, N, C)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid).to(x.dtype)
         return visual.ln_pre(x)
+
+    def _patch_embed(self, crops: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """conv1 (kernel = stride = patch) as one matmul over the unfolded patches on GPU,
+        where cuDNN picks a slow non-tensor-core kernel for it in half precision."""
+        if crops.is_cuda:
+            return patch_embed_as_matmul(self.visual.conv1, crops, grid)
+        return self.visual.conv1(crops).flatten(2).transpose(1, 2)
 
     def positional_embedding(self, grid: Tuple[int, int]) -> torch.Tensor:
         """(1+N, C) positional embedding for a patch grid, bicubic from the trained grid."""

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .dense_attention import ProbsHook, gaussian_window
 from .encoder import DenseCLIPEncoder, EncodedCrops
-from .sliding_window import published_slide_inference
+from .sliding_window import WindowMerge, published_slide_inference
 
 
 class ReferenceEncoder(DenseCLIPEncoder):
@@ -108,7 +108,13 @@ def reference_loop(segmentor: nn.Module, dtype: torch.dtype = torch.float16):
     reference._modules = dict(segmentor._modules)
     reference._modules['encoder'] = ReferenceEncoder(segmentor.encoder, dtype)
     reference.max_crops_per_forward = 1
-    reference.compiled = False
+    reference.cuda_graph = False
     reference.vit_dtype = dtype
-    reference.batch_slide_inference = types.MethodType(published_slide_inference, reference)
+    reference.merged_logits = types.MethodType(_published_merged_logits, reference)
     return reference
+
+
+def _published_merged_logits(segmentor: nn.Module, images: Tensor, merge: WindowMerge) -> Tensor:
+    """``merged_logits`` the published way, image by image."""
+    return torch.stack(published_slide_inference(segmentor, list(images),
+                                                 [merge.output_size] * len(images)))

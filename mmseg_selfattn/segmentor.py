@@ -13,8 +13,10 @@ from torch import Tensor
 
 from .clip_loader import load_clip
 from .config_checks import check_choice, check_int, check_number
+from .cuda_graphs import CUDAGraphCache
 from .encoder import DenseCLIPEncoder
 from .pamr import PAMR
+from .postprocess import SynonymMax, segment
 from .sliding_window import WindowMerge, pad_to_patch_multiple
 from .stages import build_stage
 from .stages.global_debias import cls_logit_bias
@@ -31,8 +33,9 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
 
     Call graph (SPEC §1-2)::
 
-        predict(): a batch of images of any sizes
-            batch_slide_inference(): windows of all images, max_crops_per_forward per call
+        predict(): a batch of images of any sizes, grouped by size (one CUDA graph
+                   per group shape with cuda_graph=True)
+            merged_logits(): windows of the group's images, max_crops_per_forward per call
                 crop_patch_logits(): per batch of crops
                     1 encoder.encode()            standard forward, captures A, q/k/v, x_cls
                     2 similarity enhancement      logits bias from mid-layer similarity
@@ -43,9 +46,9 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                     6 CTD                         cluster-wise x_cls removal
                     7 classify                    cos(X, text queries) on the patch grid
                 WindowMerge: upsample each crop, overlap-average, resize to the original
-            PAMR (pamr_steps > 0)
-            postprocess_result(): softmax(logit_scale * logits), max over synonyms,
-                area_thd / prob_thd -> bg_idx
+            PAMR (pamr_steps > 0, per image)
+            segment_logits(): softmax(logit_scale * logits), max over synonyms,
+                area_thd / prob_thd -> bg_idx (postprocess.py)
 
     Args:
         clip: ``dict(arch, pretrained, quick_gelu=None)`` for ``load_clip``.
@@ -57,9 +60,13 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             the whole image as one crop.
         max_crops_per_forward: bounds the crops (of all images of a batch) sent
             through the ViT at once.
-        compile: ``torch.compile`` the encoder's two calls (mode 'reduce-overhead': CUDA
-            graphs on GPU, against kernel-launch-bound small batches); first calls of
-            each crop shape are slow.
+        compile: ``torch.compile`` the encoder's two calls (kernel fusion); the first call
+            of each crop-batch shape compiles. (Compiling stages 2-6 too fails in
+            torch 2.11's inductor.)
+        cuda_graph: on GPU, capture the whole pipeline of a group of equally sized
+            images (crops to labels) as a CUDA graph per group shape and replay it:
+            removes the kernel-launch cost that bounds small batches. Ignored on CPU
+            and while stage timers or PAMR are on.
         precision: dtype of the ViT's weights and activations, 'fp32', 'fp16' or
             'bf16' (explicit softmaxes run in fp32, fused attention and LayerNorm
             accumulate in fp32; stages 2-6 and the classifier always run in fp32).
@@ -85,6 +92,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                  max_crops_per_forward: int = 64,
                  precision: str = 'fp32',
                  compile: bool = False,
+                 cuda_graph: bool = False,
                  logit_scale: float = 40.0,
                  prob_thd: float = 0.0,
                  area_thd: float = 0.0,
@@ -113,8 +121,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             raise ValueError(f'pretrained={pretrained!r}: CLIP weights are chosen by '
                              "clip=dict(pretrained=...), e.g. clip.pretrained='openai'.")
         self.class_names = self._read_classes(name_path, class_names)
-        self.register_buffer('query_class', query_to_class_index(self.class_names),
-                             persistent=False)
+        self.synonym_max = SynonymMax(query_to_class_index(self.class_names).tolist())
         self.slide_crop, self.slide_stride = _check_window(slide_crop, slide_stride)
         self.max_crops_per_forward = check_int('max_crops_per_forward', max_crops_per_forward, 1)
         self.vit_dtype = VIT_DTYPES[check_choice('precision', precision, list(VIT_DTYPES))]
@@ -146,13 +153,14 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         self.cls_token_lambda = check_number('cls_token_lambda', cls_token_lambda)
         self._check_stage_compatibility(attention)
         self.timer = None  # optional `timer(stage_name)` context manager (tools/benchmark.py)
-        if not isinstance(compile, bool):
-            raise ValueError(f'compile must be True or False, got {compile!r}.')
-        self.compiled = compile
-        if compile:  # compiled on this encoder instance only (a reference copy stays eager)
+        for key, value in (('compile', compile), ('cuda_graph', cuda_graph)):
+            if not isinstance(value, bool):
+                raise ValueError(f'{key} must be True or False, got {value!r}.')
+        if compile:  # on this encoder instance only (a reference copy stays eager)
             for call in ('encode', 'dense_features'):
-                setattr(self.encoder, call,
-                        torch.compile(getattr(self.encoder, call), mode='reduce-overhead'))
+                setattr(self.encoder, call, torch.compile(getattr(self.encoder, call)))
+        self.cuda_graph = cuda_graph
+        self._graphs = CUDAGraphCache()
 
     # -- pipeline on a batch of crops ------------------------------------------------------
     def crop_logits(self, crops: Tensor) -> Tensor:
@@ -164,8 +172,6 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         """Stages 1-7 on crops (B, 3, H, W) -> query logits on the patch grid (B, Q, h, w)."""
         similarity, self_attn = self.similarity_enhancement, self.self_attn_enhancement
         crops = crops.to(self.vit_dtype)
-        if self.compiled:  # a new CUDA-graph step: outputs of earlier calls are no longer read
-            torch.compiler.cudagraph_mark_step_begin()
         with self._timed('encode'):
             encoded = self.encoder.encode(crops, capture_attention=self._needs_attention,
                                           mid_layers=self._mid_layers)
@@ -218,30 +224,40 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                               output_sizes: Optional[Sequence[Tuple[int, int]]] = None
                               ) -> List[Tensor]:
         """Query logits (Q, H', W') of normalised images (3, H, W) of any sizes, at
-        ``output_sizes`` (default: each image's own size).
+        ``output_sizes`` (default: each image's own size)."""
+        outputs: List[Optional[Tensor]] = [None] * len(images)
+        for indices, batch, merge in self._image_groups(images, output_sizes):
+            for index, logits in zip(indices, self.merged_logits(batch, merge)):
+                outputs[index] = logits
+        return outputs
 
-        Images of one size share their windows: as many whole images as fit in
-        ``max_crops_per_forward`` crops go through the pipeline together. Bilinear
-        upsampling of every crop, overlap averaging and the resize to the output size
-        are all linear and separable, so they run as two matrix products per batch of
-        images straight from the patch-grid logits (``WindowMerge``).
+    def merged_logits(self, images: Tensor, merge: WindowMerge) -> Tensor:
+        """Query logits (n, Q, H', W') of equally sized images (n, 3, H, W).
+
+        All windows of the images go through the pipeline together, in chunks of
+        ``max_crops_per_forward``. Bilinear upsampling of every crop, overlap averaging
+        and the resize to the output size are linear and separable, so they run as two
+        matrix products straight from the patch-grid logits (``WindowMerge``).
         """
+        crops = merge.cut(images)
+        logits = torch.cat([self.crop_patch_logits(chunk)
+                            for chunk in crops.split(self.max_crops_per_forward)])
+        return merge(logits)
+
+    def _image_groups(self, images: Sequence[Tensor],
+                      output_sizes: Optional[Sequence[Tuple[int, int]]] = None):
+        """Yields (indices, stacked images (n, 3, H, W), WindowMerge): images of one size
+        and output size, as many per group as fit in ``max_crops_per_forward`` crops."""
         output_sizes = output_sizes or [tuple(image.shape[-2:]) for image in images]
         groups = defaultdict(list)  # (image size, output size) -> image indices
         for index, (image, output_size) in enumerate(zip(images, output_sizes)):
             groups[(tuple(image.shape[-2:]), tuple(output_size))].append(index)
-        outputs: List[Optional[Tensor]] = [None] * len(images)
         for (size, output_size), indices in groups.items():
             merge = self._window_merge(size, output_size, images[indices[0]].device)
             images_per_forward = max(1, self.max_crops_per_forward // merge.num_windows)
             for start in range(0, len(indices), images_per_forward):
                 group = indices[start:start + images_per_forward]
-                crops = merge.cut(torch.stack([images[i] for i in group]))
-                logits = torch.cat([self.crop_patch_logits(chunk)
-                                    for chunk in crops.split(self.max_crops_per_forward)])
-                for index, merged in zip(group, merge(logits)):
-                    outputs[index] = merged
-        return outputs
+                yield group, torch.stack([images[i] for i in group]), merge
 
     def _window_merge(self, size: Tuple[int, int], output_size: Tuple[int, int],
                       device: torch.device) -> WindowMerge:
@@ -258,19 +274,32 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         """Segment a batch; samples get ``seg_logits`` (class probabilities at the original
         size) and ``pred_sem_seg``."""
         metas = _image_metas(inputs, data_samples)
+        data_samples = data_samples or [SegDataSample() for _ in metas]
         # drop the batch padding: every image at its own (resized) size
         images = [image[:, :meta['img_shape'][0], :meta['img_shape'][1]]
                   for image, meta in zip(inputs, metas)]
         original_sizes = [tuple(meta['ori_shape'][:2]) for meta in metas]
-        seg_logits = []
-        for image, logits, original_size in zip(
-                images, self.batch_slide_inference(images, original_sizes), original_sizes):
-            logits = logits[None]
-            if self.pamr is not None:
-                resized = F.interpolate(image[None], size=original_size, mode='bilinear')
-                logits = self.pamr(resized, logits.to(resized.dtype))
-            seg_logits.append(logits[0])
-        return self.postprocess_result(seg_logits, data_samples)
+        if self.pamr is not None:  # refines each image's query logits with its pixels
+            seg_logits = []
+            for image, logits, size in zip(
+                    images, self.batch_slide_inference(images, original_sizes), original_sizes):
+                resized = F.interpolate(image[None], size=size, mode='bilinear')
+                seg_logits.append(self.pamr(resized, logits[None].to(resized.dtype))[0])
+            return self.postprocess_result(seg_logits, data_samples)
+        for indices, batch, merge in self._image_groups(images, original_sizes):
+            if self.cuda_graph and batch.is_cuda and self.timer is None:
+                key = (tuple(batch.shape), batch.dtype, str(batch.device), merge.output_size)
+                probs, labels = self._graphs(key, self._segment_images, (batch, ), merge)
+            else:
+                probs, labels = self._segment_images(batch, merge)
+            for index, image_probs, image_labels in zip(indices, probs, labels):
+                _set_prediction(data_samples[index], image_probs, image_labels)
+        return data_samples
+
+    def _segment_images(self, images: Tensor, merge: WindowMerge) -> Tuple[Tensor, Tensor]:
+        """Class probabilities (n, C, H', W') and labels (n, H', W') of equally sized
+        images: the unit that ``cuda_graph`` captures."""
+        return self.segment_logits(self.merged_logits(images, merge))
 
     def postprocess_result(self, seg_logits: List[Tensor],
                            data_samples: Optional[List[SegDataSample]] = None
@@ -278,35 +307,17 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         """Query logits (Q, H, W) per image -> class probabilities and labels (SPEC §2)."""
         data_samples = data_samples or [SegDataSample() for _ in seg_logits]
         for logits, sample in zip(seg_logits, data_samples):
-            class_probs = self.class_probabilities(logits)
-            labels = self.assign_labels(class_probs)
-            total = class_probs.sum(dim=0, keepdim=True).clamp_min(torch.finfo(
-                class_probs.dtype).tiny)
-            sample.set_data({'seg_logits': PixelData(data=class_probs / total),
-                             'pred_sem_seg': PixelData(data=labels[None])})
+            probs, labels = self.segment_logits(logits[None])
+            _set_prediction(sample, probs[0], labels[0])
         return data_samples
 
-    def class_probabilities(self, logits: Tensor) -> Tensor:
-        """softmax over all queries of logit_scale * logits, max over each class's synonyms."""
-        probs = (self.logit_scale * logits.float()).softmax(dim=0)
-        num_classes = len(self.class_names)
-        if num_classes == probs.shape[0]:
-            return probs
-        index = self.query_class.to(probs.device).view(-1, 1, 1).expand_as(probs)
-        return probs.new_zeros((num_classes, *probs.shape[1:])).scatter_reduce(
-            0, index, probs, reduce='amax', include_self=False)
-
-    def assign_labels(self, class_probs: Tensor) -> Tensor:
-        """argmax, then small classes (area_thd) and unsure pixels (prob_thd) -> bg_idx."""
-        best_prob, labels = class_probs.max(dim=0)
-        if self.area_thd > 0:
-            area = torch.bincount(labels.flatten(), minlength=class_probs.shape[0])
-            too_small = area < self.area_thd * labels.numel()
-            too_small[self.bg_idx] = False
-            labels = torch.where(too_small[labels], self.bg_idx, labels)
-        if self.prob_thd > 0:
-            labels = torch.where(best_prob < self.prob_thd, self.bg_idx, labels)
-        return labels
+    def segment_logits(self, query_logits: Tensor) -> Tuple[Tensor, Tensor]:
+        """Query logits (n, Q, H, W) -> class probabilities (n, C, H, W): softmax over all
+        queries of logit_scale * logits, max over each class's synonyms, renormalised;
+        and labels (n, H, W): argmax, then small classes (area_thd) and unsure pixels
+        (prob_thd) -> bg_idx."""
+        return segment(query_logits, self.synonym_max, self.logit_scale, self.prob_thd,
+                       self.area_thd, self.bg_idx)
 
     # -- BaseSegmentor interface -----------------------------------------------------------
     def extract_feat(self, inputs: Tensor) -> Tensor:
@@ -358,6 +369,11 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         if not dilations or any(not isinstance(d, int) or d < 1 for d in dilations):
             raise ValueError(f'pamr_stride (PAMR dilations) must be positive ints, got {stride}.')
         return PAMR(steps, dilations) if steps else None
+
+
+def _set_prediction(sample: SegDataSample, probs: Tensor, labels: Tensor) -> None:
+    sample.set_data({'seg_logits': PixelData(data=probs),
+                     'pred_sem_seg': PixelData(data=labels[None])})
 
 
 def _image_metas(inputs: Tensor, data_samples: Optional[List[SegDataSample]]) -> List[dict]:

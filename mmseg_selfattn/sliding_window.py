@@ -60,6 +60,7 @@ class WindowMerge:
 
     def __init__(self, size: Tuple[int, int], output_size: Tuple[int, int], crop: int,
                  stride: int, patch_size: Tuple[int, int], device=None):
+        self.output_size = tuple(output_size)
         self.windows = sliding_windows(*size, crop, stride)
         self.num_windows = len(self.windows)
         self.patch_size = patch_size
@@ -99,12 +100,12 @@ class WindowMerge:
 
     def __call__(self, patch_logits: Tensor) -> Tensor:
         """(n * windows, Q, h, w) patch-grid logits -> (n, Q, H', W') merged logits."""
-        logits = patch_logits.float().unflatten(0, (-1, self.num_windows))  # (n, J, Q, h, w)
-        n, windows, queries, h, w = logits.shape
+        # (n, Q, J, h, w): window-major per query, so the products need no transposes
+        logits = patch_logits.float().unflatten(0, (-1, self.num_windows)).transpose(1, 2)
+        n, queries, windows, h, w = logits.shape
         col_matrix = self.col_matrix.view(-1, windows, w).permute(1, 2, 0)  # (J, w, W')
-        rows_done = logits @ col_matrix[None, :, None]  # (n, J, Q, h, W')
-        stacked = rows_done.transpose(1, 2).reshape(n, queries, windows * h, -1)
-        return self.row_matrix @ stacked  # (n, Q, H', W')
+        rows_done = logits @ col_matrix  # (n, Q, J, h, W')
+        return self.row_matrix @ rows_done.flatten(2, 3)  # (n, Q, H', W')
 
 
 def published_slide_inference(segmentor, images: Sequence[Tensor],

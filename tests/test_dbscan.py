@@ -5,7 +5,8 @@ import torch
 from sklearn.cluster import DBSCAN
 from sklearn.metrics.pairwise import cosine_distances
 
-from mmseg_selfattn.stages.dbscan import connected_components, cosine_distance, dbscan
+from mmseg_selfattn.stages.dbscan import (components_by_closure, components_by_propagation,
+                                          connected_components, cosine_distance, dbscan)
 
 
 def blobs(seed: int, num_blobs: int = 4, per_blob: int = 30, num_noise: int = 20,
@@ -155,6 +156,18 @@ def test_connected_components_long_chain():
     adjacency[order[1:], order[:-1]] = True
     roots = connected_components(adjacency[None])
     assert (roots == 0).all()
+
+
+@pytest.mark.parametrize('density', [0.002, 0.006, 0.012])
+def test_closure_and_propagation_find_the_same_components(density):
+    """The GPU path (matrix squaring, no host sync) equals the CPU one on random graphs."""
+    generator = torch.Generator().manual_seed(int(density * 1000))
+    upper = torch.rand(3, 150, 150, generator=generator) < density
+    adjacency = (upper | upper.transpose(1, 2)).triu(1)
+    adjacency = adjacency | adjacency.transpose(1, 2)
+    by_closure = components_by_closure(adjacency)
+    assert torch.equal(by_closure, components_by_propagation(adjacency))
+    assert 1 < len(by_closure[0].unique()) < 150  # neither trivial case
 
 
 def test_deterministic():

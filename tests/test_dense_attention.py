@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from mmseg_selfattn.dense_attention import DENSE_VARIANTS, attention_probs, gaussian_window
-from mmseg_selfattn.encoder import DenseCLIPEncoder
+from mmseg_selfattn.encoder import DenseCLIPEncoder, patch_embed_as_matmul
 
 ATOL = 1e-5
 
@@ -147,6 +147,14 @@ def test_logit_bias_reaches_every_term(tiny_clip, images):
     bias[..., 3] = 0
     probs = attention_probs(encoder.variant, encoded.q, encoded.k, bias[:, None])
     assert torch.allclose(probs[..., 3], torch.full_like(probs[..., 3], 2.0))
+
+
+def test_patch_embedding_matmul_equals_the_conv(tiny_clip):
+    conv = tiny_clip.visual.conv1  # the GPU path's matmul, checked here on CPU
+    crops = torch.randn(3, 3, 24, 40)
+    expected = conv(crops).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(patch_embed_as_matmul(conv, crops, (3, 5)), expected,
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_gaussian_window():

@@ -203,6 +203,22 @@ def test_module_end_to_end_and_diagnostics():
     assert (stage.last_scores.gather(1, stage.last_outlier_indices).diff(dim=1) <= 0).all()
 
 
+@pytest.mark.parametrize('interpolation', ['mean', 'inverse_cosine'])
+def test_candidate_rows_give_the_all_token_result(interpolation):
+    """The stage computes only its top-k rows (-1 = none); same as computing every row."""
+    torch.manual_seed(2)
+    features = torch.randn(2, 20, 6)
+    mask = torch.zeros(2, 20, dtype=torch.bool)
+    mask[0, [0, 6, 7, 13]] = True
+    mask[1, [19]] = True
+    candidates = torch.tensor([[13, 0, 7, 6], [19, -1, -1, -1]])
+    everywhere = replace_outliers(features, mask, (4, 5), interpolation)
+    assert not torch.equal(everywhere, features)
+    torch.testing.assert_close(
+        replace_outliers(features, mask, (4, 5), interpolation, candidates=candidates),
+        everywhere, atol=1e-6, rtol=0)
+
+
 def test_top_k_zero_returns_the_input_itself():
     features = torch.randn(2, 12, 4)
     attention = planted_attention((3, 4), [[1], [2]])

@@ -94,18 +94,30 @@ def test_resized_to_original_shape(segmentor):
 
 
 def test_prob_and_area_thresholds_send_pixels_to_background(segmentor):
-    probs = torch.zeros(3, 4, 5)
-    probs[1] = 0.9  # class 1 confident everywhere ...
-    probs[2, 0, 0], probs[1, 0, 0] = 0.8, 0.1  # ... but class 2 wins one pixel (5% of area)
-    probs[1, 3, 4] = 0.3  # one unsure pixel of class 1
+    # queries: 0-1 -> class 0, 2 -> class 1, 3-5 -> class 2; logit_scale 40
+    logits = torch.zeros(1, 6, 4, 5)
+    logits[0, 2] = 0.1  # class 1 confident everywhere (p = e^4 / (e^4 + 5) = 0.92) ...
+    logits[0, 3, 0, 0] = 0.2  # ... but class 2 wins one pixel (5% of the area)
+    logits[0, 2, 3, 4] = 0.01  # one unsure pixel of class 1 (p = 0.23)
+    _, plain = segmentor.segment_logits(logits)
+    assert plain[0, 0, 0] == 2 and plain[0, 3, 4] == 1 and (plain == 1).sum() == 19
     segmentor.prob_thd, segmentor.area_thd = 0.5, 0.1
     try:
-        labels = segmentor.assign_labels(probs)
+        _, labels = segmentor.segment_logits(logits)
     finally:
         segmentor.prob_thd, segmentor.area_thd = 0.0, 0.0
-    assert labels[0, 0] == 0 and labels[3, 4] == 0
+    assert labels[0, 0, 0] == 0 and labels[0, 3, 4] == 0
     assert (labels == 1).sum() == 18
-    assert torch.equal(segmentor.assign_labels(probs)[0, 0], torch.tensor(2))
+
+
+def test_segment_logits_is_the_published_softmax_then_synonym_max(segmentor):
+    logits = torch.randn(2, 6, 7, 9) * 0.1
+    probs, labels = segmentor.segment_logits(logits)
+    query_probs = (40.0 * logits).softmax(1)
+    per_class = torch.stack([query_probs[:, 0:2].amax(1), query_probs[:, 2],
+                             query_probs[:, 3:6].amax(1)], dim=1)
+    torch.testing.assert_close(probs, per_class / per_class.sum(1, keepdim=True))
+    assert torch.equal(labels, per_class.argmax(1))
 
 
 def test_pamr_runs_on_logits():

@@ -15,10 +15,16 @@ scan order; "nearest core" is one deterministic choice among the valid ones.
 Clusters are numbered 0..K-1 per crop in the order of their lowest-index core
 point, which is scikit-learn's numbering too.
 
-Connected components: min-label propagation over the core-core adjacency with
-hooking and pointer jumping (a Shiloach-Vishkin style scheme): each round is
-O(B N^2) elementwise work, no matmul, and takes O(log N) rounds in practice.
-The only host sync is one convergence test per round for the whole batch.
+Connected components, two exact ways to the same roots:
+
+- CPU: min-label propagation over the core-core adjacency with hooking and
+  pointer jumping (a Shiloach-Vishkin style scheme): each round is O(B N^2)
+  elementwise work and it takes O(log N) rounds in practice, with one
+  convergence test per round.
+- GPU: the transitive closure by ceil(log2 N) boolean matrix squarings (fp16
+  tensor-core matmuls of 0/1 matrices; a positive sum stays positive in any
+  rounding): a fixed amount of work, no host sync, so it can be captured in a
+  CUDA graph.
 """
 from typing import Tuple
 
@@ -49,6 +55,27 @@ def connected_components(adjacency: Tensor) -> Tensor:
     Returns:
         (B, N) long; nodes with no edge are their own root.
     """
+    if adjacency.is_cuda:
+        return components_by_closure(adjacency)
+    return components_by_propagation(adjacency)
+
+
+def components_by_closure(adjacency: Tensor) -> Tensor:
+    """``connected_components`` from reachability R = (I + adjacency)^(2^r) > 0, with
+    2^r >= N - 1 (no host sync)."""
+    num = adjacency.shape[-1]
+    eye = torch.eye(num, dtype=torch.bool, device=adjacency.device)
+    # fp16 matmul of 0/1 entries on GPU; CPU half matmuls are slow, use fp32 there
+    dtype = torch.float16 if adjacency.is_cuda else torch.float32
+    reach = (adjacency | eye).to(dtype)
+    for _ in range(max(num - 1, 1).bit_length()):
+        reach = torch.bmm(reach, reach).clamp_(max=1)  # 0/1 entries: a path count > 0 stays > 0
+    index = torch.arange(num, device=adjacency.device)
+    return torch.where(reach > 0, index, num).amin(dim=-1)
+
+
+def components_by_propagation(adjacency: Tensor) -> Tensor:
+    """``connected_components`` by label propagation, stopping at convergence."""
     batch, num = adjacency.shape[:2]
     roots = torch.arange(num, device=adjacency.device).expand(batch, num).contiguous()
     # N rounds of plain min-propagation always converge; hooking makes it far fewer

@@ -25,7 +25,7 @@ Replacement and decontamination both read the original features (the
 pre-replacement x_i and x_j) and are applied together, so neither depends on
 the order of the tokens or of the two steps.
 """
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from mmseg.registry import MODELS
@@ -75,6 +75,21 @@ def select_outliers(scores: Tensor, top_k: int, min_ratio: Optional[float] = Non
     return outlier_mask_from_indices(rank_outliers(scores, top_k, min_ratio), scores.shape[-1])
 
 
+_NEIGHBOUR_TABLES: Dict[Tuple[Tuple[int, int], str], Tuple[Tensor, Tensor]] = {}
+
+
+def _grid_neighbours(grid: Tuple[int, int], device: str) -> Tuple[Tensor, Tensor]:
+    h, w = grid
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
+    rows, cols = rows.reshape(-1, 1), cols.reshape(-1, 1)  # (N, 1)
+    offsets = torch.tensor(NEIGHBOUR_OFFSETS)
+    neighbour_rows, neighbour_cols = rows + offsets[:, 0], cols + offsets[:, 1]  # (N, 8)
+    in_grid = ((neighbour_rows >= 0) & (neighbour_rows < h)
+               & (neighbour_cols >= 0) & (neighbour_cols < w))
+    neighbour_index = torch.where(in_grid, neighbour_rows * w + neighbour_cols, rows * w + cols)
+    return neighbour_index.to(device), in_grid.to(device)
+
+
 def grid_neighbours(grid: Tuple[int, int], device=None) -> Tuple[Tensor, Tensor]:
     """The 8-neighbourhood of every patch of a row-major h x w grid.
 
@@ -82,17 +97,14 @@ def grid_neighbours(grid: Tuple[int, int], device=None) -> Tuple[Tensor, Tensor]
         neighbour_index: (N, 8) long, token index of each neighbour in
             ``NEIGHBOUR_OFFSETS`` order; slots outside the grid point at the patch itself.
         in_grid: (N, 8) bool, False for those outside slots (borders have 5, corners 3).
+
+    Built on the host once per grid and device and cached (read-only): no host-to-device
+    copy per call, so the stage can run inside a CUDA graph.
     """
-    h, w = grid
-    rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
-                                indexing='ij')
-    rows, cols = rows.reshape(-1, 1), cols.reshape(-1, 1)  # (N, 1)
-    offsets = torch.tensor(NEIGHBOUR_OFFSETS, device=device)
-    neighbour_rows, neighbour_cols = rows + offsets[:, 0], cols + offsets[:, 1]  # (N, 8)
-    in_grid = ((neighbour_rows >= 0) & (neighbour_rows < h)
-               & (neighbour_cols >= 0) & (neighbour_cols < w))
-    neighbour_index = torch.where(in_grid, neighbour_rows * w + neighbour_cols, rows * w + cols)
-    return neighbour_index, in_grid
+    key = (tuple(grid), str(torch.device(device or 'cpu')))
+    if key not in _NEIGHBOUR_TABLES:
+        _NEIGHBOUR_TABLES[key] = _grid_neighbours(*key)
+    return _NEIGHBOUR_TABLES[key]
 
 
 def _unit_vectors(features: Tensor) -> Tensor:
@@ -120,7 +132,7 @@ def weighted_neighbour_sum(features: Tensor, neighbour_index: Tensor, weights: T
 
 
 def replace_outliers(features: Tensor, outlier_mask: Tensor, grid: Tuple[int, int],
-                     interpolation: str = 'mean') -> Tensor:
+                     interpolation: str = 'mean', candidates: Optional[Tensor] = None) -> Tensor:
     """Each outlier x_i <- average of its clean in-grid 8-neighbours (see module docstring).
 
     Args:
@@ -129,25 +141,46 @@ def replace_outliers(features: Tensor, outlier_mask: Tensor, grid: Tuple[int, in
         grid: (h, w) with h * w = N.
         interpolation: 'mean' (uniform weights) or 'inverse_cosine'
             (softmax(1 - cos(x_i, x_j)) over the clean neighbours).
+        candidates: (B, k) distinct token indices (-1 = none) that contain every
+            outlier, e.g. ``rank_outliers``'s: only these rows are computed. Default:
+            all N tokens.
 
     Returns:
         (B, N, D); clean tokens and outliers without a clean neighbour unchanged.
     """
     check_choice('interpolation', interpolation, INTERPOLATIONS)
+    batch, num, dim = features.shape
+    if candidates is None:
+        candidates = torch.arange(num, device=features.device).expand(batch, num)
     neighbour_index, in_grid = grid_neighbours(grid, features.device)
-    clean_neighbour = in_grid & ~outlier_mask[:, neighbour_index]  # (B, N, 8)
-    has_clean = clean_neighbour.any(dim=-1)  # (B, N)
+    rows = candidates.clamp_min(0)  # (B, k)
+    neighbours = neighbour_index[rows]  # (B, k, 8)
+    clean_neighbour = in_grid[rows] & ~outlier_mask.gather(1, neighbours.flatten(1)).view_as(
+        neighbours)
+    has_clean = clean_neighbour.any(dim=-1)  # (B, k)
+    neighbour_features = _gather_rows(features, neighbours.flatten(1)).unflatten(1, (-1, 8))
+    own_features = _gather_rows(features, rows)  # (B, k, D)
     if interpolation == 'mean':
-        counts = clean_neighbour.sum(dim=-1, keepdim=True).clamp_min(1)
-        weights = clean_neighbour / counts
+        weights = clean_neighbour / clean_neighbour.sum(dim=-1, keepdim=True).clamp_min(1)
     else:
-        logits = (1 - neighbour_cosines(features, neighbour_index))
-        logits = logits.masked_fill(~clean_neighbour, float('-inf'))
+        cosines = (_unit_vectors(own_features)[:, :, None] *
+                   _unit_vectors(neighbour_features)).sum(dim=-1)  # (B, k, 8)
+        logits = (1 - cosines).masked_fill(~clean_neighbour, float('-inf'))
         # rows without a clean neighbour are all -inf: give them finite logits, weights 0
         logits = logits.masked_fill(~has_clean[..., None], 0.0)
         weights = logits.softmax(dim=-1) * clean_neighbour
-    interpolated = weighted_neighbour_sum(features, neighbour_index, weights)
-    return torch.where((outlier_mask & has_clean)[..., None], interpolated, features)
+    interpolated = (weights[..., None].to(features.dtype) * neighbour_features).sum(dim=2)
+    replace = (candidates >= 0) & outlier_mask.gather(1, rows) & has_clean
+    values = torch.where(replace[..., None], interpolated, own_features)
+    # write back; rows of absent candidates (-1) go to a spare row that is cut off
+    target = torch.where(candidates >= 0, candidates, num)
+    padded = torch.cat([features, features.new_zeros(batch, 1, dim)], dim=1)
+    return padded.scatter(1, target[..., None].expand(-1, -1, dim), values)[:, :num]
+
+
+def _gather_rows(features: Tensor, index: Tensor) -> Tensor:
+    """features (B, N, D), index (B, M) -> (B, M, D)."""
+    return features.gather(1, index[..., None].expand(-1, -1, features.shape[-1]))
 
 
 def decontaminate_neighbours(features: Tensor, outlier_mask: Tensor, grid: Tuple[int, int],
@@ -211,7 +244,8 @@ class OutlierSuppression(nn.Module):
         if self.top_k == 0:
             return features
         outlier_mask = outlier_mask_from_indices(indices, num_tokens)
-        replaced = replace_outliers(features, outlier_mask, grid, self.interpolation)
+        replaced = replace_outliers(features, outlier_mask, grid, self.interpolation,
+                                    candidates=indices)
         decontaminated = decontaminate_neighbours(features, outlier_mask, grid,
                                                   self.neighbour_decontamination)
         # replacement touches only outliers, decontamination only clean tokens

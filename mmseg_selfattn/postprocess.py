@@ -1,0 +1,104 @@
+"""Query logits -> class probabilities and labels (SPEC §2), batched over images.
+
+The published code takes softmax(s * l) over all queries q, the max over each
+class's synonyms, and renormalises over classes. softmax is monotone in l and
+its normaliser is shared by all queries, so (with m_c = max_{q in c} l_q)::
+
+    max_{q in c} softmax(s l)_q = exp(s m_c - LSE_q(s l))
+    renormalised over classes   = softmax_c(s m_c)
+
+The same numbers from one synonym max on the logits and one softmax over the C
+classes, instead of a softmax over all Q queries and a scatter. The
+probability that ``prob_thd`` tests, max_q softmax(s l)_q, is
+exp(s max_c m_c - LSE_q(s l)), computed only when ``prob_thd`` is set.
+"""
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+class SynonymMax:
+    """Max over each class's queries (synonyms), one gather and one max per synonym count.
+
+    Args:
+        query_class: the class index of every query, classes numbered 0..C-1.
+    """
+
+    def __init__(self, query_class: Sequence[int]):
+        queries_of = defaultdict(list)
+        for query, cls in enumerate(query_class):
+            queries_of[int(cls)].append(query)
+        self.num_classes = len(queries_of)
+        self.num_queries = len(query_class)
+        self.is_identity = list(query_class) == list(range(self.num_queries))
+        classes_by_count = defaultdict(list)
+        for cls in sorted(queries_of):
+            classes_by_count[len(queries_of[cls])].append(cls)
+        # (synonym count k, its classes, their queries class-major: k per class)
+        self.groups = [(count, classes, [q for cls in classes for q in queries_of[cls]])
+                       for count, classes in sorted(classes_by_count.items())]
+        self._indices: Dict[str, List[Tuple[int, Tensor, Tensor]]] = {}
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """(n, Q, ...) query logits -> (n, C, ...) class logits."""
+        if self.is_identity:
+            return logits
+        out = logits.new_empty((logits.shape[0], self.num_classes, *logits.shape[2:]))
+        for count, classes, queries in self._device_indices(logits.device):
+            picked = logits.index_select(1, queries)
+            if count > 1:
+                picked = picked.unflatten(1, (-1, count)).amax(dim=2)
+            out.index_copy_(1, classes, picked)
+        return out
+
+    def _device_indices(self, device: torch.device) -> List[Tuple[int, Tensor, Tensor]]:
+        # cached per device: no host-to-device copies once warm (CUDA-graph safe)
+        key = str(device)
+        if key not in self._indices:
+            self._indices[key] = [
+                (count, torch.tensor(classes, device=device), torch.tensor(queries, device=device))
+                for count, classes, queries in self.groups]
+        return self._indices[key]
+
+
+def segment(query_logits: Tensor, synonym_max: SynonymMax, logit_scale: float,
+            prob_thd: float = 0.0, area_thd: float = 0.0, bg_idx: Optional[int] = 0
+            ) -> Tuple[Tensor, Tensor]:
+    """Class probabilities and labels of a batch, as the SCLIP/NACLIP lineage computes them.
+
+    Args:
+        query_logits: (n, Q, H, W) cosine logits of every query.
+        synonym_max: the query -> class grouping.
+        logit_scale: softmax temperature s.
+        prob_thd: pixels whose best query probability is below it go to ``bg_idx``.
+        area_thd: classes predicted on less than this fraction of an image go to ``bg_idx``.
+
+    Returns:
+        probs: (n, C, H, W) float32, max over synonyms of softmax(s * logits) over all
+            queries, renormalised to sum 1 per pixel.
+        labels: (n, H, W) long.
+    """
+    query_logits = query_logits.float()
+    scaled_class_logits = logit_scale * synonym_max(query_logits)
+    probs = scaled_class_logits.softmax(dim=1)
+    labels = probs.argmax(dim=1)
+    if area_thd > 0:
+        labels = _drop_small_classes(labels, probs.shape[1], area_thd, bg_idx)
+    if prob_thd > 0:
+        best_log_prob = (scaled_class_logits.amax(dim=1)
+                         - torch.logsumexp(logit_scale * query_logits, dim=1))
+        labels = torch.where(best_log_prob.exp() < prob_thd, bg_idx, labels)
+    return probs, labels
+
+
+def _drop_small_classes(labels: Tensor, num_classes: int, area_thd: float,
+                        bg_idx: int) -> Tensor:
+    """Labels of classes covering less than ``area_thd`` of their image -> bg_idx."""
+    flat = labels.flatten(1)  # (n, H*W)
+    area = torch.zeros(flat.shape[0], num_classes, device=labels.device).scatter_add_(
+        1, flat, torch.ones_like(flat, dtype=torch.float))  # no bincount: no host sync
+    too_small = area < area_thd * flat.shape[1]
+    too_small[:, bg_idx] = False
+    return torch.where(too_small.gather(1, flat).view_as(labels), bg_idx, labels)
