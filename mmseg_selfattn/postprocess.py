@@ -97,8 +97,11 @@ def _drop_small_classes(labels: Tensor, num_classes: int, area_thd: float,
                         bg_idx: int) -> Tensor:
     """Labels of classes covering less than ``area_thd`` of their image -> bg_idx."""
     flat = labels.flatten(1)  # (n, H*W)
-    area = torch.zeros(flat.shape[0], num_classes, device=labels.device).scatter_add_(
-        1, flat, torch.ones_like(flat, dtype=torch.float))  # no bincount: no host sync
+    # compare-and-count: no bincount host sync, no atomics contending on C bins
+    classes = torch.arange(num_classes, device=labels.device)
+    per_chunk = max(1, 2**28 // (num_classes * flat.shape[1]))  # bounds the bool temporary
+    area = torch.cat([(chunk[:, None, :] == classes[:, None]).sum(dim=-1)  # (n, C)
+                      for chunk in flat.split(per_chunk)])
     too_small = area < area_thd * flat.shape[1]
     too_small[:, bg_idx] = False
     return torch.where(too_small.gather(1, flat).view_as(labels), bg_idx, labels)

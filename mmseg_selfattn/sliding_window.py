@@ -4,8 +4,9 @@ The published methods upsample every crop's patch-grid logits bilinearly to the 
 add them into the image, divide by the number of windows covering each pixel and
 resize to the original image (``published_slide_inference``, kept for the reference
 loop). Every one of those steps is linear and separable along rows and columns, so
-``WindowMerge`` does them all at once: Y = R (sum_j A_j X_j B_j^T) C^T with fixed
-per-window matrices, i.e. two matrix products from the patch logits X_j to the output.
+``WindowMerge`` does them all at once: with the windows' patch logits laid out as a
+mosaic M (window rows x window columns), Y = R M C^T with fixed matrices R and C, i.e.
+two plain matrix products from the patch logits to the output.
 """
 from typing import List, Optional, Sequence, Tuple
 
@@ -68,13 +69,15 @@ class WindowMerge:
         self.crop_size = (y2 - y1, x2 - x1)
         padded = [-(-side // patch) * patch for side, patch in zip(self.crop_size, patch_size)]
         self.grid = (padded[0] // patch_size[0], padded[1] // patch_size[1])
-        rows = [(y1, y2) for y1, y2, _, _ in self.windows]
-        cols = [(x1, x2) for _, _, x1, x2 in self.windows]
-        assert len(self.windows) == len(set(rows)) * len(set(cols)), 'windows form a grid'
-        # (H', windows * h) and (W', windows * w): upsample, place, average, resize
-        self.row_matrix = self._axis_matrix(rows, size[0], output_size[0], padded[0],
+        # windows form a grid, row-major: window j = (row span r, column span c)
+        self.row_spans = list(dict.fromkeys((y1, y2) for y1, y2, _, _ in self.windows))
+        self.col_spans = list(dict.fromkeys((x1, x2) for _, _, x1, x2 in self.windows))
+        assert self.windows == [(y1, y2, x1, x2) for y1, y2 in self.row_spans
+                                for x1, x2 in self.col_spans], 'windows form a grid'
+        # (H', rows * h) and (W', cols * w): upsample, place, average, resize
+        self.row_matrix = self._axis_matrix(self.row_spans, size[0], output_size[0], padded[0],
                                             self.grid[0], device)
-        self.col_matrix = self._axis_matrix(cols, size[1], output_size[1], padded[1],
+        self.col_matrix = self._axis_matrix(self.col_spans, size[1], output_size[1], padded[1],
                                             self.grid[1], device)
 
     def _axis_matrix(self, spans, size, output_size, padded, grid, device) -> Tensor:
@@ -82,7 +85,7 @@ class WindowMerge:
         offset = (padded - length) // 2  # pad_to_patch_multiple pads evenly
         upsample = linear_resize_matrix(grid, padded, device)[offset:offset + length]
         coverage = torch.zeros(size, device=device)
-        for start, end in set(spans):
+        for start, end in spans:
             coverage[start:end] += 1
         blocks = []
         for start, end in spans:
@@ -99,13 +102,19 @@ class WindowMerge:
         return pad_to_patch_multiple(crops, self.patch_size)[0]
 
     def __call__(self, patch_logits: Tensor) -> Tensor:
-        """(n * windows, Q, h, w) patch-grid logits -> (n, Q, H', W') merged logits."""
-        # (n, Q, J, h, w): window-major per query, so the products need no transposes
-        logits = patch_logits.float().unflatten(0, (-1, self.num_windows)).transpose(1, 2)
-        n, queries, windows, h, w = logits.shape
-        col_matrix = self.col_matrix.view(-1, windows, w).permute(1, 2, 0)  # (J, w, W')
-        rows_done = logits @ col_matrix  # (n, Q, J, h, W')
-        return self.row_matrix @ rows_done.flatten(2, 3)  # (n, Q, H', W')
+        """(n * windows, Q, h, w) patch-grid logits -> (n, Q, H', W') merged logits.
+
+        The windows' patch logits of each image and query are laid side by side as a
+        (rows * h, cols * w) mosaic M; then Y = R M C^T, two plain matrix products.
+        """
+        rows, cols = len(self.row_spans), len(self.col_spans)
+        logits = patch_logits.float().unflatten(0, (-1, rows, cols))  # (n, r, c, Q, h, w)
+        n, _, _, queries, h, w = logits.shape
+        # (n Q, cols * w, rows * h): the transposed mosaic (a small copy)
+        mosaic_t = logits.permute(0, 3, 2, 5, 1, 4).reshape(n * queries, cols * w, rows * h)
+        rows_done = mosaic_t @ self.row_matrix.T  # (n Q, cols * w, H')
+        merged = rows_done.transpose(1, 2) @ self.col_matrix.T  # (n Q, H', W')
+        return merged.view(n, queries, *merged.shape[-2:])
 
 
 def published_slide_inference(segmentor, images: Sequence[Tensor],

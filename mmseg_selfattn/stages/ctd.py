@@ -30,7 +30,8 @@ def cluster_prototypes(features: Tensor, labels: Tensor) -> Tensor:
     """Mean feature of every cluster, gathered back to its tokens.
 
     Clusters are padded to N slots per crop (K <= N), so no host sync is needed
-    to learn K; noise tokens go to an extra slot that is never read back.
+    to learn K; noise tokens go to an extra slot that is never read back. The sums
+    are one membership matmul (deterministic, unlike a float scatter-add).
 
     Args:
         features: (B, N, D).
@@ -41,11 +42,11 @@ def cluster_prototypes(features: Tensor, labels: Tensor) -> Tensor:
     """
     batch, num, dim = features.shape
     slots = torch.where(labels < 0, num, labels)  # noise -> slot N
-    sums = features.new_zeros(batch, num + 1, dim).scatter_add_(
-        1, slots[..., None].expand(-1, -1, dim), features)
-    counts = features.new_zeros(batch, num + 1).scatter_add_(
-        1, slots, torch.ones_like(features[..., 0]))
-    prototypes = sums / counts.clamp_min(1)[..., None]  # empty slots stay 0
+    membership = (slots[:, None, :] == torch.arange(num + 1, device=features.device)[:, None]
+                  ).to(features.dtype)  # (B, N + 1 slots, N tokens)
+    sums = membership @ features
+    counts = membership.sum(dim=-1, keepdim=True)
+    prototypes = sums / counts.clamp_min(1)  # empty slots stay 0
     prototypes[:, num] = 0
     return prototypes.gather(1, slots[..., None].expand(-1, -1, dim))
 
