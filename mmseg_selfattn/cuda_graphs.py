@@ -28,10 +28,14 @@ class CUDAGraphCache:
 
     Args:
         warmup: eager calls before the capture.
+        max_graphs: at most this many graphs are kept; ``accepts`` is False for new keys
+            beyond it (the caller runs those eagerly), bounding memory when input
+            sizes keep changing.
     """
 
-    def __init__(self, warmup: int = 2):
+    def __init__(self, warmup: int = 2, max_graphs: int = 32):
         self.warmup = warmup
+        self.max_graphs = max_graphs
         self._graphs: Dict[Hashable, Tuple[torch.cuda.CUDAGraph, Tuple[Tensor, ...],
                                            Tuple[Tensor, ...]]] = {}
         self._pool = None
@@ -47,6 +51,10 @@ class CUDAGraphCache:
             static.copy_(tensor, non_blocking=True)
         graph.replay()
         return tuple(output.clone() for output in static_outputs)
+
+    def accepts(self, key: Hashable) -> bool:
+        """Whether ``key`` has a graph or may still get one."""
+        return key in self._graphs or len(self._graphs) < self.max_graphs
 
     def __len__(self) -> int:
         return len(self._graphs)

@@ -66,7 +66,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         cuda_graph: on GPU, capture the whole pipeline of a group of equally sized
             images (crops to labels) as a CUDA graph per group shape and replay it:
             removes the kernel-launch cost that bounds small batches. Ignored on CPU
-            and while stage timers or PAMR are on.
+            and while stage timers or PAMR are on; shapes beyond the 32nd run eagerly.
+            Captured graphs keep the settings (thresholds, stages) of their capture.
         precision: dtype of the ViT's weights and activations, 'fp32', 'fp16' or
             'bf16' (explicit softmaxes run in fp32, fused attention and LayerNorm
             accumulate in fp32; stages 2-6 and the classifier always run in fp32).
@@ -287,8 +288,9 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                 seg_logits.append(self.pamr(resized, logits[None].to(resized.dtype))[0])
             return self.postprocess_result(seg_logits, data_samples)
         for indices, batch, merge in self._image_groups(images, original_sizes):
-            if self.cuda_graph and batch.is_cuda and self.timer is None:
-                key = (tuple(batch.shape), batch.dtype, str(batch.device), merge.output_size)
+            key = (tuple(batch.shape), batch.dtype, str(batch.device), merge.output_size)
+            if (self.cuda_graph and batch.is_cuda and self.timer is None
+                    and self._graphs.accepts(key)):
                 probs, labels = self._graphs(key, self._segment_images, (batch, ), merge)
             else:
                 probs, labels = self._segment_images(batch, merge)

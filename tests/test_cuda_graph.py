@@ -46,3 +46,15 @@ def test_cache_returns_owned_outputs():
     first = cache('k', scaled, (torch.ones(4, device='cuda'), ), 2.0)[0]
     second = cache('k', scaled, (torch.full((4, ), 3.0, device='cuda'), ), 2.0)[0]
     assert first.tolist() == [2.0] * 4 and second.tolist() == [6.0] * 4
+
+
+@needs_cuda
+def test_shapes_beyond_the_cap_run_eagerly():
+    graphed = build(cuda_graph=True)
+    graphed._graphs.max_graphs = 1
+    eager = build()
+    for size in [(40, 48), (24, 56)]:
+        image = torch.randn(1, 3, *size).cuda()
+        torch.testing.assert_close(graphed.predict(image)[0].seg_logits.data,
+                                   eager.predict(image)[0].seg_logits.data, atol=1e-5, rtol=0)
+    assert len(graphed._graphs) == 1
