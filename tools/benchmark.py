@@ -1,7 +1,8 @@
 """Speed of the segmentor, and of the published-style reference loop on the same weights.
 
     python tools/benchmark.py                                   # ViT-B/16, VOC-sized images
-    python tools/benchmark.py --device cuda --precision fp16 bf16 --batch-sizes 1 64 --cuda-graph --json out.json
+    python tools/benchmark.py --device cuda --precision fp16 bf16 --batch-sizes 1 64 \
+        --cuda-graph --json out.json
     python tools/benchmark.py --image-dir data/camvid/images/val --scaling
 
 Images (random, or read from --image-dir) are resized like the configs' test pipeline
