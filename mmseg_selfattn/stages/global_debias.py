@@ -17,13 +17,7 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 
 from ..config_checks import check_number
-
-
-def _unit_vectors(features: Tensor) -> Tensor:
-    """L2-normalised in at least float32; zero vectors stay zero (cosine 0, never NaN)."""
-    features = features.to(torch.promote_types(features.dtype, torch.float32))
-    norms = features.norm(dim=-1, keepdim=True)
-    return features / norms.clamp_min(torch.finfo(features.dtype).tiny)
+from .vectors import unit_vectors
 
 
 def global_debias(features: Tensor, x_cls: Tensor, factor: float) -> Tensor:
@@ -34,7 +28,7 @@ def global_debias(features: Tensor, x_cls: Tensor, factor: float) -> Tensor:
     if factor == 0:
         return features
     x_cls = x_cls[:, None, :]  # (B, 1, D)
-    cosines = (_unit_vectors(features) * _unit_vectors(x_cls)).sum(dim=-1, keepdim=True)
+    cosines = (unit_vectors(features) * unit_vectors(x_cls)).sum(dim=-1, keepdim=True)
     return features - (factor * cosines).to(features.dtype) * x_cls.to(features.dtype)
 
 
@@ -44,7 +38,7 @@ def cls_logit_bias(x_cls: Tensor, queries: Tensor, cls_token_lambda: float) -> T
     Broadcasts over the locations of (B, N, Q) logits. ``queries`` are taken as given
     (L2-normalised, as the classifier uses them); x_cls is normalised here.
     """
-    unit_cls = _unit_vectors(x_cls)
+    unit_cls = unit_vectors(x_cls)
     dtype = torch.promote_types(unit_cls.dtype, queries.dtype)
     return (cls_token_lambda * (unit_cls.to(dtype) @ queries.to(dtype).T))[:, None, :]
 

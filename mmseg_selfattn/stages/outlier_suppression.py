@@ -32,6 +32,7 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 
 from ..config_checks import check_choice, check_int, check_number
+from .vectors import unit_vectors
 
 INTERPOLATIONS = ('mean', 'inverse_cosine')
 # (row, col) offsets of the 8-neighbourhood, row-major, centre excluded
@@ -107,16 +108,9 @@ def grid_neighbours(grid: Tuple[int, int], device=None) -> Tuple[Tensor, Tensor]
     return _NEIGHBOUR_TABLES[key]
 
 
-def _unit_vectors(features: Tensor) -> Tensor:
-    """L2-normalised in at least float32; zero vectors stay zero (cosine 0, never NaN)."""
-    features = features.to(torch.promote_types(features.dtype, torch.float32))
-    norms = features.norm(dim=-1, keepdim=True)
-    return features / norms.clamp_min(torch.finfo(features.dtype).tiny)
-
-
 def neighbour_cosines(features: Tensor, neighbour_index: Tensor) -> Tensor:
     """cos(x_i, x_j) for each token i and neighbour slot: (B, N, D) -> (B, N, 8)."""
-    unit = _unit_vectors(features)
+    unit = unit_vectors(features)
     # one gather per slot keeps memory at O(B N D) instead of O(8 B N D)
     return torch.stack([(unit * unit[:, neighbour_index[:, slot]]).sum(dim=-1)
                         for slot in range(neighbour_index.shape[1])], dim=-1)
@@ -163,8 +157,8 @@ def replace_outliers(features: Tensor, outlier_mask: Tensor, grid: Tuple[int, in
     if interpolation == 'mean':
         weights = clean_neighbour / clean_neighbour.sum(dim=-1, keepdim=True).clamp_min(1)
     else:
-        cosines = (_unit_vectors(own_features)[:, :, None] *
-                   _unit_vectors(neighbour_features)).sum(dim=-1)  # (B, k, 8)
+        cosines = (unit_vectors(own_features)[:, :, None] *
+                   unit_vectors(neighbour_features)).sum(dim=-1)  # (B, k, 8)
         logits = (1 - cosines).masked_fill(~clean_neighbour, float('-inf'))
         # rows without a clean neighbour are all -inf: give them finite logits, weights 0
         logits = logits.masked_fill(~has_clean[..., None], 0.0)
