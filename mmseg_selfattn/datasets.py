@@ -1,7 +1,9 @@
-"""Datasets that MMSegmentation 1.2.2 does not ship."""
+"""Datasets that MMSegmentation 1.2.2 does not ship: CamVid and the lineage's own
+benchmark variants (VOC20, Context60/59, COCO-Object; SCLIP/NACLIP's class lists)."""
 from typing import Dict, Optional, Sequence
 
-from mmseg.datasets import BaseSegDataset
+from mmseg.datasets import (BaseSegDataset, COCOStuffDataset, PascalContextDataset,
+                            PascalContextDataset59, PascalVOCDataset)
 from mmseg.registry import DATASETS
 
 
@@ -63,3 +65,86 @@ class CamVidDataset(BaseSegDataset):
         label_map = super().get_label_map(new_classes) or {}
         label_map[cls.UNLABELLED] = 255
         return label_map
+
+
+@DATASETS.register_module()
+class PascalVOC20Dataset(PascalVOCDataset):
+    """PASCAL VOC 2012 without its background class: 20 classes (SCLIP's VOC20).
+
+    Same files as :class:`PascalVOCDataset` (``JPEGImages/*.jpg``,
+    ``SegmentationClass/*.png`` palette PNGs, ``ImageSets/Segmentation/val.txt``).
+    ``reduce_zero_label=True`` turns background (0) into ignore (255) and shifts the
+    classes 1..20 to 0..19; the void border (255) stays ignored.
+    """
+    METAINFO = dict(classes=PascalVOCDataset.METAINFO['classes'][1:],
+                    palette=PascalVOCDataset.METAINFO['palette'][1:])
+
+    def __init__(self, ann_file: str, reduce_zero_label: bool = True, **kwargs) -> None:
+        _require_reduce_zero_label(type(self).__name__, reduce_zero_label, True,
+                                   'the 20 classes are stored as 1..20, background as 0')
+        super().__init__(ann_file=ann_file, reduce_zero_label=True, **kwargs)
+
+
+@DATASETS.register_module()
+class PascalContext60Dataset(PascalContextDataset):
+    """PASCAL Context, 60 classes with background at 0 (``reduce_zero_label=False``).
+
+    Layout (mmseg's ``pascal_context.py`` converter writes the label maps)::
+
+        VOC2010/JPEGImages/2008_000002.jpg
+        VOC2010/SegmentationClassContext/2008_000002.png   (0 background, 1..59)
+        VOC2010/ImageSets/SegmentationContext/val.txt
+    """
+
+    def __init__(self, ann_file: str = '', reduce_zero_label: bool = False,
+                 **kwargs) -> None:
+        _require_reduce_zero_label(type(self).__name__, reduce_zero_label, False,
+                                   'label 0 is the class "background"')
+        super().__init__(ann_file=ann_file, reduce_zero_label=False, **kwargs)
+
+
+@DATASETS.register_module()
+class PascalContext59Dataset(PascalContextDataset59):
+    """PASCAL Context without background: 59 classes, background (0) ignored.
+
+    Same files as :class:`PascalContext60Dataset`; ``reduce_zero_label=True`` maps
+    0 -> 255 and 1..59 -> 0..58.
+    """
+
+    def __init__(self, ann_file: str = '', reduce_zero_label: bool = True,
+                 **kwargs) -> None:
+        _require_reduce_zero_label(type(self).__name__, reduce_zero_label, True,
+                                   'the 59 classes are stored as 1..59, background as 0')
+        super().__init__(ann_file=ann_file, reduce_zero_label=True, **kwargs)
+
+
+@DATASETS.register_module()
+class COCOObjectDataset(BaseSegDataset):
+    """COCO-Object: the 80 COCO thing classes plus background at 0 (81 classes).
+
+    Label maps come from the raw COCO-Stuff164k masks
+    (``tools/dataset_converters/coco_object.py``): things -> 1..80, stuff and
+    unlabelled -> 0. Layout, beside COCO-Stuff's own label maps::
+
+        coco_stuff164k/images/val2017/000000000139.jpg
+        coco_stuff164k/annotations/val2017/000000000139_instanceTrainIds.png
+    """
+    METAINFO = dict(
+        classes=('background', ) + COCOStuffDataset.METAINFO['classes'][:80],
+        palette=[[0, 0, 0]] + COCOStuffDataset.METAINFO['palette'][:80])
+
+    def __init__(self,
+                 img_suffix: str = '.jpg',
+                 seg_map_suffix: str = '_instanceTrainIds.png',
+                 reduce_zero_label: bool = False,
+                 **kwargs) -> None:
+        _require_reduce_zero_label(type(self).__name__, reduce_zero_label, False,
+                                   'label 0 is the class "background"')
+        super().__init__(img_suffix=img_suffix, seg_map_suffix=seg_map_suffix,
+                         reduce_zero_label=False, **kwargs)
+
+
+def _require_reduce_zero_label(dataset: str, value: bool, required: bool, why: str) -> None:
+    if value is not required:
+        raise ValueError(f'{dataset}: reduce_zero_label must be {required} ({why}), '
+                         f'got {value!r}.')

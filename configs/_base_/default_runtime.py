@@ -16,6 +16,9 @@ default_hooks = dict(
     # every image, but only once tools/test.py --show/--show-dir sets draw
     visualization=dict(type='SegVisualizationHook', interval=1))
 
+# fails before the first image if model and dataset disagree on the class count
+custom_hooks = [dict(type='ClassCountCheckHook')]  # mmseg_selfattn/hooks.py
+
 vis_backends = [dict(type='LocalVisBackend')]
 visualizer = dict(
     type='SegLocalVisualizer', vis_backends=vis_backends, name='visualizer')

@@ -1,4 +1,4 @@
-# ADE20K (ADEChallengeData2016) val, 150 classes; label 0 ("other") ignored.
+# ADE20K (ADEChallengeData2016) val (2,000 images), 150 classes; label 0 ("other") ignored.
 _base_ = './clip_test.py'
 name_path = '{{fileDirname}}/../../class_names/ade20k.txt'
 test_dataloader = dict(

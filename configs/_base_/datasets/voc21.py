@@ -1,4 +1,4 @@
-# PASCAL VOC 2012 val, 21 classes (background + 20), as in SCLIP/NACLIP.
+# PASCAL VOC 2012 val (1,449 images), 21 classes (background + 20), as in SCLIP/NACLIP.
 _base_ = './clip_test.py'
 # class-name queries; a leaf passes it on as model.name_path
 name_path = '{{fileDirname}}/../../class_names/voc21.txt'

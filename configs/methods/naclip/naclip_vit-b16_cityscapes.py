@@ -1,0 +1,13 @@
+# NACLIP's protocol on Cityscapes (19 classes): sinahmr/NACLIP
+# configs/cfg_city_scapes.py over its segmentor defaults (_base_/methods/naclip.py):
+# short side 560.
+# Published mIoU with OpenAI's ViT-B/16 weights: 38.27 (NACLIP README, PAMR on).
+# Reproduce: --cfg-options model.clip.pretrained=/path/to/ViT-B-16.pt (or 'openai').
+_base_ = [
+    '../../_base_/methods/naclip.py', '../../_base_/datasets/cityscapes.py',
+    '../../_base_/default_runtime.py'
+]
+test_pipeline = _base_.test_pipeline
+test_pipeline[1]['scale'] = (2048, 560)  # short side 560
+test_dataloader = dict(dataset=dict(pipeline=test_pipeline))
+model = dict(name_path={{_base_.name_path}})

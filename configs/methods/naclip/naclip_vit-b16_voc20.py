@@ -1,0 +1,10 @@
+# NACLIP's protocol on PASCAL VOC20 (no background): sinahmr/NACLIP configs/cfg_voc20.py
+# over its segmentor defaults (_base_/methods/naclip.py): short side 336, slide_crop 0
+# (whole image).
+# Published mIoU with OpenAI's ViT-B/16 weights: 83.03 (NACLIP README, PAMR on).
+# Reproduce: --cfg-options model.clip.pretrained=/path/to/ViT-B-16.pt (or 'openai').
+_base_ = [
+    '../../_base_/methods/naclip.py', '../../_base_/datasets/voc20.py',
+    '../../_base_/default_runtime.py'
+]
+model = dict(name_path={{_base_.name_path}}, slide_crop=0)

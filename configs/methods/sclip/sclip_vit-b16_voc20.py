@@ -1,0 +1,9 @@
+# SCLIP's protocol on PASCAL VOC20 (no background): wangf3014/SCLIP configs/cfg_voc20.py
+# over its segmentor defaults (_base_/methods/sclip.py): short side 336.
+# Published mIoU with OpenAI's ViT-B/16 weights: 81.54 (SCLIP README).
+# Reproduce: --cfg-options model.clip.pretrained=/path/to/ViT-B-16.pt (or 'openai').
+_base_ = [
+    '../../_base_/methods/sclip.py', '../../_base_/datasets/voc20.py',
+    '../../_base_/default_runtime.py'
+]
+model = dict(name_path={{_base_.name_path}})

@@ -1,0 +1,141 @@
+"""Check a config's test set before waiting for an evaluation.
+
+    python tools/check_data.py CONFIG [CONFIG ...] [--data-root DIR] [--nproc N]
+        [--cfg-options KEY=VALUE ...]
+    python tools/check_data.py --method naclip --data-root /datasets   # all eight
+
+For each config: the folders and split file it needs, the number of images in the
+split (against the full validation split of a standard benchmark), label maps that are
+missing, and the label values of every label map after the dataset's encoding
+(reduce_zero_label, label_map) against its classes: each must be a class index or the
+ignore index 255. Exit status 1 when anything is missing or out of range.
+"""
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+import mmseg_selfattn  # noqa: E402,F401  (mmcv.ops stand-in, registers datasets)
+
+import numpy as np  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+from mmengine.utils import track_parallel_progress, track_progress  # noqa: E402
+from mmseg.datasets.transforms import LoadAnnotations  # noqa: E402
+from mmseg.registry import DATASETS  # noqa: E402
+
+from mmseg_selfattn.benchmarks import (BENCHMARKS, METHOD_CONFIGS, dataset_cfg_of,  # noqa: E402
+                                       method_config, set_data_dir)
+
+IGNORE_INDEX = 255
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Check the test data of configs.')
+    parser.add_argument('configs', nargs='*', help='config files')
+    parser.add_argument('--method', choices=list(METHOD_CONFIGS),
+                        help='check the eight benchmark configs of this method')
+    parser.add_argument('--data-root', help='folder holding the datasets in the layout '
+                        'of data/ (VOCdevkit/VOC2012, coco_stuff164k, ...)')
+    parser.add_argument('--nproc', type=int, default=min(8, os.cpu_count() or 1),
+                        help='processes reading label maps')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='overrides merged into every config')
+    args = parser.parse_args(argv)
+    if not args.configs and not args.method:
+        parser.error('give CONFIG files or --method')
+    if args.nproc < 1:
+        parser.error(f'--nproc must be >= 1, got {args.nproc}')
+    return args
+
+
+def missing_paths(dataset: dict) -> List[str]:
+    """The folders and split file of ``dataset`` that do not exist."""
+    root = Path(dataset.get('data_root') or '')
+    prefixes = dataset.get('data_prefix') or {}
+    wanted = [('data_root', root)]
+    wanted += [(f'data_prefix.{key}', root / value) for key, value in prefixes.items()]
+    if dataset.get('ann_file'):
+        wanted.append(('ann_file', root / dataset['ann_file']))
+    return [f'{key}: {path} does not exist' for key, path in wanted if not path.exists()]
+
+
+def label_values(info: dict) -> Tuple[str, np.ndarray]:
+    """The values of one label map after the dataset's encoding (as LoadAnnotations
+    loads it for evaluation)."""
+    results = LoadAnnotations()(dict(info, seg_fields=[]))
+    return info['seg_map_path'], np.unique(results['gt_seg_map'])
+
+
+def check(config: Path, args: argparse.Namespace) -> List[str]:
+    """Prints the report of one config; returns its problems."""
+    cfg = Config.fromfile(str(config))
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    set_data_dir(cfg, args.data_root)
+    init_default_scope(cfg.get('default_scope', 'mmseg'))
+    dataset_cfg = dataset_cfg_of(cfg)
+    print(f'== {config}\n   {dataset_cfg["type"]} at {dataset_cfg.get("data_root")}')
+    problems = missing_paths(dataset_cfg)
+    if problems:
+        return problems
+    dataset = DATASETS.build(dict(dataset_cfg, pipeline=[], lazy_init=False))
+    infos = [dataset.get_data_info(index) for index in range(len(dataset))]
+    classes = dataset.metainfo['classes']
+    benchmark = next((b for b in BENCHMARKS.values()
+                      if b.dataset_type == dataset_cfg['type']), None)
+    full = f' (full validation split: {benchmark.num_val_images})' if benchmark else ''
+    print(f'   {len(infos)} images in the split{full}, {len(classes)} classes')
+    if not infos:
+        return ['the split holds no images (check data_prefix.img_path and the suffixes)']
+    if benchmark and len(infos) != benchmark.num_val_images:
+        print(f'   note: {len(infos)} of {benchmark.num_val_images} images: '
+              'a partial split gives numbers not comparable to published ones')
+
+    missing_images = [i['img_path'] for i in infos if not Path(i['img_path']).is_file()]
+    missing_labels = [i['seg_map_path'] for i in infos if not Path(i['seg_map_path']).is_file()]
+    for what, paths in (('images', missing_images), ('label maps', missing_labels)):
+        if paths:
+            problems.append(f'{len(paths)} {what} missing, e.g. {paths[0]}')
+    present = [info for info in infos if Path(info['seg_map_path']).is_file()]
+    read = functools.partial(track_parallel_progress, nproc=args.nproc) \
+        if args.nproc > 1 and len(present) > 1 else track_progress
+    values = read(label_values, present) if present else []
+    allowed = set(range(len(classes))) | {IGNORE_INDEX}
+    outside = {}  # value -> (file count, first file)
+    for path, file_values in values:
+        for value in set(file_values.tolist()) - allowed:
+            count, first = outside.get(value, (0, path))
+            outside[value] = (count + 1, first)
+    for value, (count, first) in sorted(outside.items()):
+        problems.append(f'label value {value} (as loaded, after reduce_zero_label / label_map) '
+                        f'is neither a class index (0..{len(classes) - 1}) nor {IGNORE_INDEX} '
+                        f'(ignore): {count} file(s), e.g. {first}')
+    if present:
+        print(f'   label maps read: {len(present)}, values in 0..{len(classes) - 1} '
+              f'and {IGNORE_INDEX}' + (' except as listed below' if outside else ''))
+    return problems
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    configs = [Path(c) for c in args.configs]
+    if args.method:
+        configs += [method_config(args.method, key, REPO_ROOT / 'configs') for key in BENCHMARKS]
+    failed = 0
+    for config in configs:
+        problems = check(config, args)
+        for problem in problems:
+            print(f'   PROBLEM: {problem}')
+        print('   OK' if not problems else f'   {len(problems)} problem(s)', flush=True)
+        failed += bool(problems)
+    print(f'{len(configs) - failed} of {len(configs)} test sets OK')
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

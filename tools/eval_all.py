@@ -1,0 +1,216 @@
+"""Evaluate one method over the eight standard benchmarks (or a list of configs) and
+write the results table.
+
+    python tools/eval_all.py --method naclip [--benchmarks voc21 ade20k ...]
+        [--data-root DIR] [--work-dir DIR] [--cfg-options KEY=VALUE ...] [--rerun]
+    python tools/eval_all.py --configs A.py B.py ...
+    bash tools/dist_eval_all.sh GPUS --method naclip ...    # torchrun, --launcher pytorch
+
+Every entry runs mmseg's test loop (as ``tools/test.py`` does) and stores its metrics
+in ``WORK_DIR/<entry>/result.json`` once it has finished. A rerun skips entries whose
+result was produced by the same resolved config (after ``--cfg-options`` and
+``--data-root``), so a killed run resumes where it stopped; ``--rerun`` forces them.
+A failing entry is reported in the table, its traceback kept in
+``WORK_DIR/<entry>/error.txt``, and the remaining entries still run (exit status 1).
+The table (mIoU, mAcc, aAcc per entry and their average) is printed and written to
+``WORK_DIR/results.md`` and ``WORK_DIR/results.csv``.
+"""
+import argparse
+import csv
+import gc
+import hashlib
+import json
+import os
+import os.path as osp
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Dict, List, Optional
+
+# Usable from a plain checkout; the package goes before mmseg (mmcv.ops stand-in).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+import mmseg_selfattn  # noqa: E402,F401
+
+import torch  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+from mmseg_selfattn.benchmarks import (BENCHMARKS, METHOD_CONFIGS, method_config,  # noqa: E402
+                                       set_data_dir)
+from mmseg_selfattn.hooks import with_class_count_check  # noqa: E402
+
+METRICS = ('mIoU', 'mAcc', 'aAcc')
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description='Evaluate a method over the standard benchmarks and tabulate mIoU.')
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument('--method', choices=list(METHOD_CONFIGS),
+                      help='configs/<method>_vit-b16_<benchmark>.py for each benchmark')
+    what.add_argument('--configs', nargs='+', help='explicit config files, one entry each')
+    parser.add_argument('--benchmarks', nargs='+', choices=list(BENCHMARKS),
+                        default=list(BENCHMARKS),
+                        help='benchmarks of --method (default: all eight)')
+    parser.add_argument('--data-root', help='folder holding the datasets in the layout of '
+                        'data/ (VOCdevkit/VOC2012, coco_stuff164k, ...); default: data/')
+    parser.add_argument('--work-dir', help='default: work_dirs/eval_all/<method>')
+    parser.add_argument('--rerun', action='store_true',
+                        help='evaluate entries that already have a result again')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='overrides merged into every config, as in tools/test.py')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher (one process per GPU)')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def entries_of(args: argparse.Namespace) -> Dict[str, Path]:
+    """Entry name -> config file."""
+    if args.method:
+        return {bench: method_config(args.method, bench, REPO_ROOT / 'configs')
+                for bench in args.benchmarks}
+    entries = {}
+    for config in args.configs:
+        name = Path(config).stem
+        if name in entries:
+            raise SystemExit(f'eval_all: two configs named {name!r}; rename one.')
+        entries[name] = Path(config)
+    return entries
+
+
+def resolved_config(config: Path, args: argparse.Namespace) -> Config:
+    if not config.is_file():
+        raise FileNotFoundError(f'config file {config} does not exist')
+    cfg = Config.fromfile(str(config))
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    return set_data_dir(cfg, args.data_root)
+
+
+def fingerprint(cfg: Config) -> str:
+    """Hash of everything that decides the metrics (not where logs go or how many GPUs)."""
+    return hashlib.sha256(cfg.pretty_text.encode()).hexdigest()[:16]
+
+
+def evaluate(name: str, cfg: Config, work_dir: Path, launcher: str) -> dict:
+    cfg.work_dir = str(work_dir)
+    cfg.launcher = launcher
+    if launcher != 'none' and cfg.get('model_wrapper_cfg') is None:
+        cfg.model_wrapper_cfg = dict(type='InferenceOnlyWrapper')
+    if 'visualizer' in cfg:  # one visualizer instance per entry, not the first one's
+        cfg.visualizer['name'] = f'visualizer_{name}'
+    with_class_count_check(cfg)
+    start = time.perf_counter()
+    runner = Runner.from_cfg(cfg)
+    metrics = runner.test()
+    result = dict(metrics={key: float(metrics[key]) for key in METRICS if key in metrics},
+                  images=len(runner.test_dataloader.dataset),
+                  seconds=round(time.perf_counter() - start, 1))
+    del runner
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomically: a run killed while writing leaves no half-written result."""
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def table_rows(results: Dict[str, dict]) -> List[List[str]]:
+    rows, done = [], []
+    for name, result in results.items():
+        if 'metrics' in result:
+            done.append(result['metrics'])
+            rows.append([name] + [f"{result['metrics'].get(key, float('nan')):.2f}"
+                                  for key in METRICS] + [str(result['images']), ''])
+        else:
+            rows.append([name, '-', '-', '-', '-', result['error']])
+    if done:
+        label = 'average' if len(done) == len(results) else \
+            f'average ({len(done)} of {len(results)})'
+        rows.append([label] + [f'{sum(m[key] for m in done) / len(done):.2f}'
+                               for key in METRICS] + ['', ''])
+    return rows
+
+
+def write_tables(results: Dict[str, dict], work_dir: Path, title: str) -> str:
+    header = ['entry', *METRICS, 'images', 'error']
+    rows = table_rows(results)
+    with open(work_dir / 'results.csv', 'w', newline='') as file:
+        csv.writer(file).writerows([header] + rows)
+    lines = [f'# {title}', '', '| ' + ' | '.join(header) + ' |',
+             '|' + ' --- |' * len(header)]
+    lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
+    if all(name in BENCHMARKS for name in results):  # the papers' one-row mIoU table
+        miou = [f"{r['metrics']['mIoU']:.2f}" if 'metrics' in r else '-'
+                for r in results.values()]
+        average = rows[-1][1] if rows and rows[-1][0] == 'average' else '-'
+        columns = [BENCHMARKS[name].column for name in results] + ['avg']
+        lines += ['', "mIoU in the papers' column order:", '',
+                  '| ' + ' | '.join(columns) + ' |', '|' + ' --- |' * len(columns),
+                  '| ' + ' | '.join(miou + [average]) + ' |']
+    text = '\n'.join(lines) + '\n'
+    (work_dir / 'results.md').write_text(text)
+    return text
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    entries = entries_of(args)
+    work_dir = Path(args.work_dir or osp.join('work_dirs', 'eval_all', args.method or 'configs'))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ.get('RANK', 0))  # set by torchrun; only rank 0 writes
+    weights = set()
+
+    results: Dict[str, dict] = {}
+    for index, (name, config) in enumerate(entries.items(), 1):
+        entry_dir = work_dir / name
+        entry_dir.mkdir(exist_ok=True)
+        result_file = entry_dir / 'result.json'
+        prefix = f'[eval_all {index}/{len(entries)}] {name}'
+        try:
+            cfg = resolved_config(config, args)
+            key = fingerprint(cfg)
+            weights.add(str(cfg.model.get('clip', {}).get('pretrained', '?')))
+            if result_file.is_file() and not args.rerun:
+                stored = json.loads(result_file.read_text())
+                if stored.get('fingerprint') == key:
+                    results[name] = stored
+                    print(f'{prefix}: done earlier, kept ({result_file})', flush=True)
+                    continue
+                print(f'{prefix}: config changed since the stored result, evaluating again',
+                      flush=True)
+            print(f'{prefix}: evaluating {config}', flush=True)
+            result = evaluate(name, cfg, entry_dir, args.launcher)
+            result.update(config=str(config), fingerprint=key)
+            if rank == 0:
+                write_json(result_file, result)
+                (entry_dir / 'error.txt').unlink(missing_ok=True)
+            results[name] = result
+        except Exception as error:  # noqa: BLE001  (reported; the others still run)
+            message = f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'
+            results[name] = dict(error=message[:200])
+            if rank == 0:
+                (entry_dir / 'error.txt').write_text(traceback.format_exc())
+            print(f'{prefix}: FAILED, {message} (traceback: {entry_dir / "error.txt"})',
+                  flush=True)
+
+    if rank == 0:
+        title = (f'{args.method or "configs"}: mIoU / mAcc / aAcc (%), CLIP weights '
+                 f'(model.clip.pretrained): {", ".join(sorted(weights)) or "-"}')
+        print(write_tables(results, work_dir, title), flush=True)
+        print(f'tables: {work_dir / "results.md"}, {work_dir / "results.csv"}', flush=True)
+    return 1 if any('error' in result for result in results.values()) else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
