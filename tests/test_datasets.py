@@ -1,23 +1,27 @@
-"""CamVidDataset on the shared CamVid split, and every config under configs/."""
+"""CamVidDataset on the shared CamVid split, and every config under configs/ (parses,
+matches its dataset's classes, builds with the tiny arch)."""
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mmengine.config import Config
+from mmengine.registry import init_default_scope
 from PIL import Image
 
 import mmseg_selfattn  # noqa: F401  (mmcv.ops stand-in, registers datasets)
 from mmseg.datasets.transforms import LoadAnnotations
-from mmseg.registry import DATASETS
+from mmseg.registry import DATASETS, MODELS
+from mmseg_selfattn.benchmarks import dataset_cfg_of
 from mmseg_selfattn.datasets import CamVidDataset
+
+from conftest import TINY_ARCH
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / 'configs'
 CAMVID_ROOT = Path(
     os.environ.get('MMSEG_SELFATTN_CAMVID',
                    Path(__file__).resolve().parents[2] / 'shared/data/camvid'))
-NUM_CLASSES = {'voc21': 21, 'ade20k': 150, 'camvid': 11}
 ATTENTIONS = ('vanilla', 'maskclip', 'sclip', 'clearclip', 'naclip', 'gated')
 
 needs_camvid = pytest.mark.skipif(
@@ -86,28 +90,29 @@ def test_camvid_class_subset_keeps_unlabelled_ignored():
 
 @pytest.mark.parametrize(
     'path', leaf_configs(), ids=lambda p: str(p.relative_to(CONFIG_DIR)))
-def test_config_parses_with_existing_class_names(path, tmp_path,
-                                                 monkeypatch):
+def test_config_parses_and_builds_with_the_tiny_arch(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # {{fileDirname}} must not depend on the CWD
     cfg = Config.fromfile(str(path))
     assert cfg.model.type == 'SelfAttnCLIPSegmentor'
-    dataset = cfg.test_dataloader.dataset
-    if dataset.type == 'RepeatDataset':  # benchmark configs read the split several times
-        dataset = dataset.dataset
-    assert dataset.type in {
-        'PascalVOCDataset', 'ADE20KDataset', 'CamVidDataset'
-    }
+    dataset = dataset_cfg_of(cfg)
+    dataset_cls = DATASETS.get(dataset.type)
+    assert dataset_cls is not None, dataset.type
 
     name_path = Path(cfg.model.name_path)
     assert name_path.is_absolute() and name_path.is_file()
     class_lines = [
         line for line in name_path.read_text().splitlines() if line.strip()
     ]
-    dataset_name = name_path.stem
-    assert len(class_lines) == NUM_CLASSES[dataset_name]
+    assert len(class_lines) == len(dataset_cls.METAINFO['classes'])
+    assert any(hook['type'] == 'ClassCountCheckHook' for hook in cfg.custom_hooks)
 
-    dataset_cls = DATASETS.get(dataset.type)
-    assert len(dataset_cls.METAINFO['classes']) == NUM_CLASSES[dataset_name]
+    cfg.model.clip = dict(arch=TINY_ARCH, pretrained=None)
+    cfg.model.similarity_enhancement_cfg.layer = -2  # the tiny ViT has 3 blocks
+    init_default_scope(cfg.default_scope)
+    model = MODELS.build(cfg.model)
+    assert len(model.class_names) == len(dataset_cls.METAINFO['classes'])
+    assert (model.slide_crop, model.logit_scale) == (cfg.model.slide_crop,
+                                                     cfg.model.logit_scale)
 
 
 def test_base_configs_parse():

@@ -149,3 +149,22 @@ def test_mixed_size_test_batches_equal_batch_one(voc_root, tmp_path):
         assert one.pred_sem_seg.data.shape == many.pred_sem_seg.data.shape
         torch.testing.assert_close(many.seg_logits.data, one.seg_logits.data, atol=1e-5, rtol=0)
         assert torch.equal(many.pred_sem_seg.data, one.pred_sem_seg.data)
+
+
+@pytest.mark.parametrize('runtime_hook', [True, False])
+def test_class_count_mismatch_fails_before_the_first_image(voc_root, tmp_path, runtime_hook):
+    """A 20-class list on the 21-class VOC set: refused naming both counts, before any
+    image is read (the split lists an image that does not exist)."""
+    from mmseg_selfattn.hooks import with_class_count_check
+    cfg = runner_config(VOC_CONFIG, voc_root, tmp_path)
+    cfg.model.name_path = str(REPO_ROOT / 'configs/class_names/voc20.txt')
+    split = tmp_path / 'val.txt'
+    split.write_text('no_such_image\n')
+    cfg.test_dataloader.dataset.ann_file = str(split)
+    if not runtime_hook:  # a config without our default_runtime, as tools/test.py runs it
+        cfg.custom_hooks = []
+        with_class_count_check(cfg)
+        with_class_count_check(cfg)
+        assert cfg.custom_hooks == [dict(type='ClassCountCheckHook')]
+    with pytest.raises(ValueError, match=r'the model has 20 classes .* PascalVOCDataset has 21'):
+        Runner.from_cfg(cfg).test()
