@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
+from mmseg.datasets import PascalVOCDataset
 from mmseg.datasets.transforms import LoadAnnotations
 from mmseg.registry import DATASETS
 from PIL import Image
@@ -71,7 +72,10 @@ def test_dataset_base_loads_the_real_layout(benchmark, data_dir):
 def test_voc_label_maps_are_palette_pngs(data_dir):
     _, written = data_dir
     for _, label_file in written['voc21']:
-        assert Image.open(label_file).mode == 'P'  # as released; indices are the labels
+        image = Image.open(label_file)
+        assert image.mode == 'P'  # as released; indices are the labels
+        palette = np.array(image.getpalette()[:21 * 3]).reshape(21, 3)
+        np.testing.assert_array_equal(palette, PascalVOCDataset.METAINFO['palette'])
 
 
 def test_reduce_zero_label_really_drops_background(data_dir):

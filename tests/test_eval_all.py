@@ -119,7 +119,7 @@ def test_killed_run_resumes_without_redoing_finished_entries(data_root, tmp_path
     context = data / 'VOCdevkit' / 'VOC2010'
     split = (context / 'ImageSets/SegmentationContext/val.txt').read_text().split()
     blocking = context / 'JPEGImages' / f'{split[0]}.jpg'
-    spare = context / 'JPEGImages' / f'{split[1]}.jpg'
+    original = blocking.read_bytes()  # the label map has this image's size
     blocking.unlink()
     os.mkfifo(blocking)  # opening it for reading blocks until a writer comes: never
     work_dir, log = tmp_path / 'work', tmp_path / 'killed.log'
@@ -145,7 +145,7 @@ def test_killed_run_resumes_without_redoing_finished_entries(data_root, tmp_path
             process.wait(timeout=30)
         if stat.S_ISFIFO(os.lstat(blocking).st_mode):
             blocking.unlink()
-            shutil.copyfile(spare, blocking)  # a real JPEG again
+            blocking.write_bytes(original)  # a real JPEG again
     assert not (work_dir / 'context60' / 'result.json').exists()
     assert not (work_dir / 'results.csv').exists()  # it never got to the table
     kept_mtime, kept_text = voc_result.stat().st_mtime_ns, voc_result.read_text()

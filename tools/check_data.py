@@ -5,8 +5,8 @@
     python tools/check_data.py --method naclip --data-root /datasets   # all eight
 
 For each config: the folders and split file it needs, the number of images in the
-split (against the full validation split of a standard benchmark), label maps that are
-missing, and the label values of every label map after the dataset's encoding
+split (against the full validation split of a standard benchmark), images and label maps
+that are missing, label maps of another size than their image, and the label values of every label map after the dataset's encoding
 (reduce_zero_label, label_map) against its classes: each must be a class index or the
 ignore index 255. Exit status 1 when anything is missing or out of range.
 """
@@ -27,6 +27,7 @@ from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.utils import track_parallel_progress, track_progress  # noqa: E402
 from mmseg.datasets.transforms import LoadAnnotations  # noqa: E402
 from mmseg.registry import DATASETS  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from mmseg_selfattn.benchmarks import (BENCHMARKS, METHOD_CONFIGS, dataset_cfg_of,  # noqa: E402
                                        method_config, set_data_dir)
@@ -64,11 +65,18 @@ def missing_paths(dataset: dict) -> List[str]:
     return [f'{key}: {path} does not exist' for key, path in wanted if not path.exists()]
 
 
-def label_values(info: dict) -> Tuple[str, np.ndarray]:
+def read_label_map(info: dict) -> Tuple[str, np.ndarray, Optional[str]]:
     """The values of one label map after the dataset's encoding (as LoadAnnotations
-    loads it for evaluation)."""
-    results = LoadAnnotations()(dict(info, seg_fields=[]))
-    return info['seg_map_path'], np.unique(results['gt_seg_map'])
+    loads it for evaluation), and a size mismatch with its image, if any."""
+    labels = LoadAnnotations()(dict(info, seg_fields=[]))['gt_seg_map']
+    mismatch = None
+    if Path(info['img_path']).is_file():
+        with Image.open(info['img_path']) as image:  # reads the header only
+            width, height = image.size
+        if (height, width) != labels.shape:
+            mismatch = (f'{info["seg_map_path"]} is {labels.shape[1]}x{labels.shape[0]} '
+                        f'but its image {info["img_path"]} is {width}x{height}')
+    return info['seg_map_path'], np.unique(labels), mismatch
 
 
 def check(config: Path, args: argparse.Namespace) -> List[str]:
@@ -104,10 +112,14 @@ def check(config: Path, args: argparse.Namespace) -> List[str]:
     present = [info for info in infos if Path(info['seg_map_path']).is_file()]
     read = functools.partial(track_parallel_progress, nproc=args.nproc) \
         if args.nproc > 1 and len(present) > 1 else track_progress
-    values = read(label_values, present) if present else []
+    label_maps = read(read_label_map, present) if present else []
     allowed = set(range(len(classes))) | {IGNORE_INDEX}
     outside = {}  # value -> (file count, first file)
-    for path, file_values in values:
+    mismatches = [mismatch for _, _, mismatch in label_maps if mismatch]
+    if mismatches:
+        problems.append(f'{len(mismatches)} label map(s) differ in size from their image, '
+                        f'e.g. {mismatches[0]}')
+    for path, file_values, _ in label_maps:
         for value in set(file_values.tolist()) - allowed:
             count, first = outside.get(value, (0, path))
             outside[value] = (count + 1, first)

@@ -16,7 +16,9 @@ The table (mIoU, mAcc, aAcc per entry and their average) is printed and written 
 ``WORK_DIR/results.md`` and ``WORK_DIR/results.csv``.
 """
 import argparse
+import copy
 import csv
+import functools
 import gc
 import hashlib
 import json
@@ -89,11 +91,18 @@ def resolved_config(config: Path, args: argparse.Namespace) -> Config:
     cfg = Config.fromfile(str(config))
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    return set_data_dir(cfg, args.data_root)
+    return set_data_dir(cfg, args.data_root and str(Path(args.data_root).resolve()))
+
+
+LOADER_ONLY_KEYS = ('num_workers', 'persistent_workers', 'pin_memory')
 
 
 def fingerprint(cfg: Config) -> str:
-    """Hash of everything that decides the metrics (not where logs go or how many GPUs)."""
+    """Hash of everything that decides the metrics (not where logs go, how many GPUs or
+    loader processes)."""
+    cfg = copy.deepcopy(cfg)
+    for key in LOADER_ONLY_KEYS:
+        cfg.test_dataloader.pop(key, None)
     return hashlib.sha256(cfg.pretty_text.encode()).hexdigest()[:16]
 
 
@@ -103,7 +112,7 @@ def evaluate(name: str, cfg: Config, work_dir: Path, launcher: str) -> dict:
     if launcher != 'none' and cfg.get('model_wrapper_cfg') is None:
         cfg.model_wrapper_cfg = dict(type='InferenceOnlyWrapper')
     if 'visualizer' in cfg:  # one visualizer instance per entry, not the first one's
-        cfg.visualizer['name'] = f'visualizer_{name}'
+        cfg.visualizer['name'] = f'visualizer_{name}_{time.time_ns()}'
     with_class_count_check(cfg)
     start = time.perf_counter()
     runner = Runner.from_cfg(cfg)
@@ -171,6 +180,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rank = int(os.environ.get('RANK', 0))  # set by torchrun; only rank 0 writes
     weights = set()
 
+    say = functools.partial(print, flush=True) if rank == 0 else lambda *_: None
     results: Dict[str, dict] = {}
     for index, (name, config) in enumerate(entries.items(), 1):
         entry_dir = work_dir / name
@@ -185,11 +195,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 stored = json.loads(result_file.read_text())
                 if stored.get('fingerprint') == key:
                     results[name] = stored
-                    print(f'{prefix}: done earlier, kept ({result_file})', flush=True)
+                    say(f'{prefix}: done earlier, kept ({result_file})')
                     continue
-                print(f'{prefix}: config changed since the stored result, evaluating again',
-                      flush=True)
-            print(f'{prefix}: evaluating {config}', flush=True)
+                say(f'{prefix}: config changed since the stored result, evaluating again')
+            say(f'{prefix}: evaluating {config}')
             result = evaluate(name, cfg, entry_dir, args.launcher)
             result.update(config=str(config), fingerprint=key)
             if rank == 0:
@@ -201,8 +210,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             results[name] = dict(error=message[:200])
             if rank == 0:
                 (entry_dir / 'error.txt').write_text(traceback.format_exc())
-            print(f'{prefix}: FAILED, {message} (traceback: {entry_dir / "error.txt"})',
-                  flush=True)
+            say(f'{prefix}: FAILED, {message} (traceback: {entry_dir / "error.txt"})')
 
     if rank == 0:
         title = (f'{args.method or "configs"}: mIoU / mAcc / aAcc (%), CLIP weights '

@@ -25,11 +25,22 @@ import argparse
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-import imgviz
 import numpy as np
 from PIL import Image
 
-VOC_PALETTE = imgviz.label_colormap()  # PASCAL VOC's colour map (palette PNGs)
+def voc_palette() -> np.ndarray:
+    """PASCAL VOC's colour map (256 x RGB) of its palette PNGs: bits of the label spread
+    over the high bits of r, g, b."""
+    labels = np.arange(256)
+    palette = np.zeros((256, 3), np.uint8)
+    for shift in range(8):
+        for channel in range(3):
+            bit = (labels >> (3 * shift + channel)) & 1
+            palette[:, channel] |= (bit << (7 - shift)).astype(np.uint8)
+    return palette
+
+
+VOC_PALETTE = voc_palette()
 
 Sample = Tuple[Path, Path]  # (image, label map) as written
 
