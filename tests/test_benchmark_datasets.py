@@ -14,7 +14,8 @@ from mmseg.registry import DATASETS
 from PIL import Image
 
 from conftest import REPO_ROOT
-from mmseg_selfattn.benchmarks import BENCHMARKS, dataset_cfg_of, method_config, set_data_dir
+from mmseg_selfattn.benchmarks import (BENCHMARKS, METHOD_CONFIGS, dataset_cfg_of, method_config,
+                                       set_data_dir)
 from mmseg_selfattn.datasets import (COCOObjectDataset, PascalContext59Dataset,
                                      PascalContext60Dataset, PascalVOC20Dataset)
 
@@ -45,12 +46,19 @@ def encoded(raw: np.ndarray, reduce_zero_label: bool) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-@pytest.mark.parametrize('benchmark', list(BENCHMARKS))
-def test_dataset_base_loads_the_real_layout(benchmark, data_dir):
+CASES = [(method, bench) for method in METHOD_CONFIGS for bench in BENCHMARKS]
+
+
+@pytest.mark.parametrize('method, benchmark', CASES, ids=[f'{m}-{b}' for m, b in CASES])
+def test_config_loads_the_real_layout(method, benchmark, data_dir):
+    """The config's own test pipeline: the image resized to the protocol's short side,
+    the label map at its original size with the benchmark's encoding."""
     root, written = data_dir
-    cfg = set_data_dir(Config.fromfile(str(method_config('selfattn', benchmark, CONFIGS))), root)
+    cfg = set_data_dir(Config.fromfile(str(method_config(method, benchmark, CONFIGS))), root)
     init_default_scope('mmseg')
-    dataset = DATASETS.build(dict(dataset_cfg_of(cfg), pipeline=[LoadAnnotations()]))
+    dataset = DATASETS.build(dataset_cfg_of(cfg))
+    short_side = next(t['scale'][1] for t in dataset_cfg_of(cfg)['pipeline']
+                      if t['type'] == 'Resize')
 
     assert type(dataset).__name__ == BENCHMARKS[benchmark].dataset_type
     assert len(dataset.metainfo['classes']) == BENCHMARKS[benchmark].num_classes
@@ -59,13 +67,15 @@ def test_dataset_base_loads_the_real_layout(benchmark, data_dir):
     # the split only: training images and raw masks beside the label maps are skipped
     assert len(dataset) == len(labels_of) == 3
     for index in range(len(dataset)):
+        info = dataset.get_data_info(index)
+        label_file = labels_of[Path(info['img_path'])]
+        assert Path(info['seg_map_path']) == label_file
         sample = dataset[index]
-        label_file = labels_of[Path(sample['img_path'])]
-        assert Path(sample['seg_map_path']) == label_file
+        assert min(sample['inputs'].shape[-2:]) == short_side
+        gt = sample['data_samples'].gt_sem_seg.data[0].numpy()
         raw = np.array(Image.open(label_file))
-        expected = encoded(raw, REDUCE_ZERO_LABEL[benchmark])
-        np.testing.assert_array_equal(sample['gt_seg_map'], expected)
-        values = set(np.unique(sample['gt_seg_map']).tolist())
+        np.testing.assert_array_equal(gt, encoded(raw, REDUCE_ZERO_LABEL[benchmark]))
+        values = set(np.unique(gt).tolist())
         assert values <= set(range(BENCHMARKS[benchmark].num_classes)) | {255}
 
 
