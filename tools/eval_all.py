@@ -75,7 +75,7 @@ def entries_of(args: argparse.Namespace) -> Dict[str, Path]:
     """Entry name -> config file."""
     if args.method:
         return {bench: method_config(args.method, bench, REPO_ROOT / 'configs')
-                for bench in args.benchmarks}
+                for bench in BENCHMARKS if bench in args.benchmarks}  # papers' order
     entries = {}
     for config in args.configs:
         name = Path(config).stem
