@@ -1,5 +1,7 @@
 """Build-time validation of config values: one clear error naming the key and what is allowed."""
 import inspect
+import math
+from numbers import Real
 from typing import Optional, Sequence
 
 
@@ -11,17 +13,30 @@ def check_int(key: str, value, minimum: int) -> int:
 
 def check_number(key: str, value, low: Optional[float] = None, high: Optional[float] = None,
                  low_open: bool = False, high_open: bool = False) -> float:
-    """A real number in the interval given by low/high (None = unbounded)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    """A finite real number in the interval given by low/high (None = unbounded); inf, -inf
+    and nan are refused even when unbounded (they turn every output into NaN)."""
+    number = _finite_float(value)
+    ok = number is not None
     if ok and low is not None:
-        ok = value > low if low_open else value >= low
+        ok = number > low if low_open else number >= low
     if ok and high is not None:
-        ok = value < high if high_open else value <= high
+        ok = number < high if high_open else number <= high
     if not ok:
         left = '(-inf' if low is None else f'{"(" if low_open else "["}{low}'
         right = 'inf)' if high is None else f'{high}{")" if high_open else "]"}'
         raise ValueError(f'{key} must be a number in {left}, {right}, got {value!r}.')
-    return float(value)
+    return number
+
+
+def _finite_float(value) -> Optional[float]:
+    """float(value) for a finite real number (bools excluded), else None."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float range
+        return None
+    return number if math.isfinite(number) else None
 
 
 def check_choice(key: str, value, choices: Sequence) -> str:
@@ -30,9 +45,16 @@ def check_choice(key: str, value, choices: Sequence) -> str:
     return value
 
 
+def init_defaults(cls: type) -> dict:
+    """Keyword -> default value of ``cls.__init__``: what a cfg dict for ``cls`` may hold."""
+    return {name: parameter.default
+            for name, parameter in inspect.signature(cls.__init__).parameters.items()
+            if name != 'self'}
+
+
 def check_keys(cfg_key: str, cfg: dict, cls: type) -> None:
     """Reject keys of ``cfg`` that ``cls.__init__`` does not take, listing the allowed ones."""
-    allowed = [name for name in inspect.signature(cls.__init__).parameters if name != 'self']
+    allowed = list(init_defaults(cls))
     unknown = sorted(set(cfg) - set(allowed))
     if unknown:
         raise ValueError(f'{cfg_key}: unknown key(s) {unknown}; allowed: {allowed}.')

@@ -14,7 +14,11 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from .config_checks import check_number
 from .dense_attention import DENSE_VARIANTS, ProbsHook, dense_attention, gaussian_window
+
+# naclip's window std in patches: below this the window is the identity, above it flat
+GAUSSIAN_STD_RANGE = (0.01, 1e4)
 
 
 @dataclass
@@ -46,21 +50,20 @@ class DenseCLIPEncoder(nn.Module):
     Args:
         visual: the CLIP image tower.
         attention: dense variant of the last block, a key of ``DENSE_VARIANTS``.
-        gaussian_std: std (in patches) of naclip's neighbourhood window.
+        gaussian_std: std (in patches) of naclip's neighbourhood window, in
+            ``GAUSSIAN_STD_RANGE``.
     """
 
     def __init__(self, visual: VisionTransformer, attention: str = 'naclip',
                  gaussian_std: float = 5.0):
         super().__init__()
-        if attention not in DENSE_VARIANTS:
-            raise ValueError(f"attention='{attention}' is not a dense variant; "
+        if not isinstance(attention, str) or attention not in DENSE_VARIANTS:
+            raise ValueError(f'attention={attention!r} is not a dense variant; '
                              f'choose one of {sorted(DENSE_VARIANTS)}.')
-        if not gaussian_std > 0:
-            raise ValueError(f'gaussian_std must be > 0, got {gaussian_std}.')
         self.visual = visual
         self.variant = DENSE_VARIANTS[attention]
         self.attention_name = attention
-        self.gaussian_std = float(gaussian_std)
+        self.gaussian_std = check_number('gaussian_std', gaussian_std, *GAUSSIAN_STD_RANGE)
         self.patch_size = visual.patch_size  # (ph, pw)
         self.num_blocks = len(visual.transformer.resblocks)
 

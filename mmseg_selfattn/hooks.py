@@ -1,40 +1,67 @@
 """Runner hooks of the evaluation loop."""
+from typing import Sequence
+
+from mmengine.config import Config
+from mmengine.dataset import BaseDataset
 from mmengine.hooks import Hook
 from mmseg.registry import HOOKS
 
 
 @HOOKS.register_module()
-class ClassCountCheckHook(Hook):
-    """Fails before the first test image when the model's class list and the test
-    dataset's classes differ in number.
+class TestSetCheckHook(Hook):
+    """Fails before the first test image when the test set cannot give a meaningful
+    mIoU, with one error naming what is wrong:
 
-    mIoU pairs predicted label k with the dataset's class k, so a list with a class
-    too many or too few shifts or drops classes silently. Models without a
-    ``class_names`` attribute are not checked.
+    - the dataset is empty (an empty split file, or no file with the image suffix
+      under the image folder): the loop would end in an obscure IoUMetric assertion.
+      Only a dataset built with ``serialize_data=False`` (as in clip_test.py) gets
+      here: mmengine's serialisation of an empty list fails while building the loop
+      ("need at least one array to concatenate");
+    - the model's class list and the dataset's classes differ in number: mIoU pairs
+      predicted label k with the dataset's class k, so a class too many or too few
+      shifts or drops classes silently. Models without ``class_names`` are not checked.
     """
 
     def before_test(self, runner) -> None:
+        dataset = runner.test_loop.dataloader.dataset
+        check_not_empty(dataset)
         model = getattr(runner.model, 'module', runner.model)  # distributed wrapper
         class_names = getattr(model, 'class_names', None)
-        if class_names is None:
-            return
-        dataset = runner.test_loop.dataloader.dataset
-        dataset_classes = dataset.metainfo.get('classes') or ()
-        if len(class_names) != len(dataset_classes):
-            first_names = ', '.join(synonyms[0] if isinstance(synonyms, tuple) else synonyms
-                                    for synonyms in class_names[:3])
-            raise ValueError(
-                f'the model has {len(class_names)} classes ({first_names}, ...; from '
-                f'model.name_path / model.class_names) but the test dataset '
-                f'{type(dataset).__name__} has {len(dataset_classes)} '
-                f'({", ".join(dataset_classes[:3])}, ...): every class line must match one '
-                'dataset class, in label order. Use the class-name file of this dataset.')
+        if class_names is not None:
+            check_class_count(class_names, dataset)
 
 
-def with_class_count_check(cfg) -> None:
-    """Adds :class:`ClassCountCheckHook` to ``cfg.custom_hooks`` unless it is there."""
+def check_not_empty(dataset: BaseDataset) -> None:
+    if len(dataset) > 0:
+        return
+    ann_file = getattr(dataset, 'ann_file', '')
+    data_prefix = getattr(dataset, 'data_prefix', {})
+    why = (f'its split file {ann_file} lists no image' if ann_file else
+           f"no file ends in {getattr(dataset, 'img_suffix', '')!r} under "
+           f"{data_prefix.get('img_path', '')}")
+    raise ValueError(
+        f'the test dataset {type(dataset).__name__} is empty: {why} '
+        f"(data_root={getattr(dataset, 'data_root', None)!r}, "
+        f'data_prefix={data_prefix!r}, ann_file={ann_file!r}).')
+
+
+def check_class_count(class_names: Sequence, dataset: BaseDataset) -> None:
+    dataset_classes = dataset.metainfo.get('classes') or ()
+    if len(class_names) == len(dataset_classes):
+        return
+    first_names = ', '.join(synonyms[0] if isinstance(synonyms, tuple) else synonyms
+                            for synonyms in class_names[:3])
+    raise ValueError(
+        f'the model has {len(class_names)} classes ({first_names}, ...; from '
+        f'model.name_path / model.class_names) but the test dataset '
+        f'{type(dataset).__name__} has {len(dataset_classes)} '
+        f'({", ".join(dataset_classes[:3])}, ...): every class line must match one '
+        'dataset class, in label order. Use the class-name file of this dataset.')
+
+
+def with_test_set_checks(cfg: Config) -> None:
+    """Adds :class:`TestSetCheckHook` to ``cfg.custom_hooks`` unless it is there."""
     hooks = list(cfg.get('custom_hooks') or [])
-    if not any(hook.get('type') in ('ClassCountCheckHook', ClassCountCheckHook)
-               for hook in hooks):
-        hooks.append(dict(type='ClassCountCheckHook'))
+    if not any(hook.get('type') in ('TestSetCheckHook', TestSetCheckHook) for hook in hooks):
+        hooks.append(dict(type='TestSetCheckHook'))
     cfg.custom_hooks = hooks

@@ -13,6 +13,10 @@ from torch import Tensor
 
 Offset = Tuple[int, int]
 
+# every dilation pads the full-resolution masks by that many pixels per side (the
+# published settings use up to 24); beyond the image it only repeats the border
+MAX_DILATION = 64
+
 
 def neighbour_offsets(dilations: Sequence[int],
                       with_centre: bool = False) -> List[Offset]:
@@ -119,7 +123,7 @@ class PAMR(nn.Module):
     Args:
         num_iter: propagation steps (``pamr_steps``).
         dilations: neighbourhood dilations (``pamr_stride``), an int or a
-            sequence of ints.
+            sequence of ints in [1, ``MAX_DILATION``].
     """
 
     def __init__(self,
@@ -128,8 +132,8 @@ class PAMR(nn.Module):
         super().__init__()
         if isinstance(dilations, int):
             dilations = (dilations, )
-        if num_iter < 0 or not dilations or min(dilations) < 1:
-            raise ValueError('PAMR needs num_iter >= 0 and dilations >= 1, '
+        if num_iter < 0 or not dilations or not all(1 <= d <= MAX_DILATION for d in dilations):
+            raise ValueError(f'PAMR needs num_iter >= 0 and dilations in [1, {MAX_DILATION}], '
                              f'got {num_iter} and {dilations}')
         self.num_iter = num_iter
         self.dilations = tuple(int(d) for d in dilations)

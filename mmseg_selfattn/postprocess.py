@@ -80,17 +80,46 @@ def segment(query_logits: Tensor, synonym_max: SynonymMax, logit_scale: float,
             queries, renormalised to sum 1 per pixel.
         labels: (n, H, W) long.
     """
-    query_logits = query_logits.float()
-    scaled_class_logits = logit_scale * synonym_max(query_logits)
+    probs, labels, unsure = pixel_predictions(query_logits, synonym_max, logit_scale, prob_thd)
+    return probs, final_labels(labels, unsure, probs.shape[1], area_thd, bg_idx)
+
+
+def pixel_predictions(query_logits: Tensor, synonym_max: SynonymMax, logit_scale: float,
+                      prob_thd: float = 0.0, invalid: Optional[Tensor] = None
+                      ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The per-pixel part of ``segment``, so that a huge image can run band by band.
+
+    Returns class probabilities (n, C, H, W), argmax labels (n, H, W) and, when
+    ``prob_thd`` is set, the unsure pixels (n, H, W) bool (else None). ``invalid``
+    (n, H, W) bool marks pixels whose probabilities must come out NaN (reached by a
+    window with non-finite logits); it costs no extra pass over the probabilities.
+    """
+    class_logits = synonym_max(query_logits.float())
+    if invalid is None:
+        scaled_class_logits = logit_scale * class_logits
+    else:  # NaN bias added in the same kernel as the scaling
+        nan_bias = torch.zeros_like(invalid, dtype=class_logits.dtype).masked_fill_(
+            invalid, float('nan'))
+        scaled_class_logits = torch.add(nan_bias[:, None], class_logits, alpha=logit_scale)
     probs = scaled_class_logits.softmax(dim=1)
     labels = probs.argmax(dim=1)
-    if area_thd > 0:
-        labels = _drop_small_classes(labels, probs.shape[1], area_thd, bg_idx)
+    unsure = None
     if prob_thd > 0:
         best_log_prob = (scaled_class_logits.amax(dim=1)
-                         - torch.logsumexp(logit_scale * query_logits, dim=1))
-        labels = torch.where(best_log_prob.exp() < prob_thd, bg_idx, labels)
-    return probs, labels
+                         - torch.logsumexp(logit_scale * query_logits.float(), dim=1))
+        unsure = best_log_prob.exp() < prob_thd
+    return probs, labels, unsure
+
+
+def final_labels(labels: Tensor, unsure: Optional[Tensor], num_classes: int,
+                 area_thd: float = 0.0, bg_idx: Optional[int] = 0) -> Tensor:
+    """The whole-image part of ``segment``: classes under ``area_thd`` of their image
+    (counted on the argmax labels), then unsure pixels -> ``bg_idx``."""
+    if area_thd > 0:
+        labels = _drop_small_classes(labels, num_classes, area_thd, bg_idx)
+    if unsure is not None:
+        labels = torch.where(unsure, bg_idx, labels)
+    return labels
 
 
 def _drop_small_classes(labels: Tensor, num_classes: int, area_thd: float,

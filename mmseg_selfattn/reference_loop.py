@@ -111,6 +111,7 @@ def reference_loop(segmentor: nn.Module, dtype: torch.dtype = torch.float16):
     reference.cuda_graph = False
     reference.vit_dtype = dtype
     reference.merged_logits = types.MethodType(_published_merged_logits, reference)
+    reference._segment_images = types.MethodType(_published_segment_images, reference)
     return reference
 
 
@@ -118,3 +119,9 @@ def _published_merged_logits(segmentor: nn.Module, images: Tensor, merge: Window
     """``merged_logits`` the published way, image by image."""
     return torch.stack(published_slide_inference(segmentor, list(images),
                                                  [merge.output_size] * len(images)))
+
+
+def _published_segment_images(segmentor: nn.Module, images: Tensor, merge: WindowMerge):
+    """``_segment_images`` on the published merge: probabilities, labels, finite flags."""
+    probs, labels = segmentor.segment_logits(segmentor.merged_logits(images, merge))
+    return probs, labels, torch.isfinite(probs).flatten(1).all(dim=1)

@@ -15,8 +15,8 @@ from .clip_loader import load_clip
 from .config_checks import check_choice, check_int, check_number
 from .cuda_graphs import CUDAGraphCache
 from .encoder import DenseCLIPEncoder
-from .pamr import PAMR
-from .postprocess import SynonymMax, segment
+from .pamr import MAX_DILATION, PAMR
+from .postprocess import SynonymMax, final_labels, pixel_predictions, segment
 from .sliding_window import WindowMerge, pad_to_patch_multiple
 from .stages import build_stage
 from .stages.global_debias import cls_logit_bias
@@ -58,6 +58,10 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         class_names: the class lines themselves, instead of ``name_path``.
         slide_crop / slide_stride: sliding window in pixels; ``slide_crop=0`` runs
             the whole image as one crop.
+        max_merge_elements: bounds the full-resolution query logits merged at once
+            (images x queries x rows x width): bigger outputs are merged and
+            post-processed in bands of rows, so memory grows with the returned
+            probabilities only. None: no bound.
         max_crops_per_forward: bounds the crops (of all images of a batch) sent
             through the ViT at once.
         compile: ``torch.compile`` the encoder's two calls (kernel fusion); the first call
@@ -91,6 +95,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                  slide_crop: int = 224,
                  slide_stride: int = 112,
                  max_crops_per_forward: int = 64,
+                 max_merge_elements: Optional[int] = 2**26,
                  precision: str = 'fp32',
                  compile: bool = False,
                  cuda_graph: bool = False,
@@ -125,15 +130,19 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         self.synonym_max = SynonymMax(query_to_class_index(self.class_names).tolist())
         self.slide_crop, self.slide_stride = _check_window(slide_crop, slide_stride)
         self.max_crops_per_forward = check_int('max_crops_per_forward', max_crops_per_forward, 1)
+        self.max_merge_elements = None if max_merge_elements is None else check_int(
+            'max_merge_elements', max_merge_elements, 1)
         self.vit_dtype = VIT_DTYPES[check_choice('precision', precision, list(VIT_DTYPES))]
         self._window_merges: Dict[tuple, WindowMerge] = {}
         self.logit_scale = check_number('logit_scale', logit_scale, 0, low_open=True)
         self.prob_thd = check_number('prob_thd', prob_thd, 0, 1)
         self.area_thd = check_number('area_thd', area_thd, 0, 1)
         self.bg_idx = _check_bg_idx(bg_idx, len(self.class_names), prob_thd or area_thd)
-        self.pamr = self._build_pamr(
-            pamr_steps, pamr_stride if pamr_dilations is None else pamr_dilations)
+        self.pamr = self._build_pamr(pamr_steps, pamr_stride, pamr_dilations)
 
+        if clip is not None and not isinstance(clip, dict):
+            raise ValueError("clip must be a dict, e.g. clip=dict(arch='ViT-B-16', "
+                             f"pretrained='openai'), got {clip!r}.")
         clip_cfg = dict(arch='ViT-B-16', pretrained='openai')
         clip_cfg.update(clip or {})
         clip_model = load_clip(**clip_cfg)
@@ -176,34 +185,43 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         with self._timed('encode'):
             encoded = self.encoder.encode(crops, capture_attention=self._needs_attention,
                                           mid_layers=self._mid_layers)
+        self._check('encode', encoded.x_cls, encoded.attention)
         attention_bias = probs_hook = None
         if similarity is not None:
             with self._timed('similarity_enhancement'):
                 attention_bias = similarity.attention_bias(
                     [encoded.mid_features[index] for index in self._mid_layers])
+            self._check('similarity_enhancement', attention_bias)
         if self_attn is not None and self_attn.mode == 'attention':  # edits P in the block
             with self._timed('self_attn_enhancement'):
                 probs_hook = self_attn.probs_hook(self_attn.deficit(encoded.attention))
         with self._timed('dense_block'):
             features = self.encoder.dense_features(encoded, attention_bias, probs_hook)
+        self._check('dense block' + (' with self-attention enhancement' if probs_hook else ''),
+                    features)
         # stages 2-6 and the classifier in fp32 (cheap, and DBSCAN's eps is precise)
         features, encoded.x_cls = features.float(), encoded.x_cls.float()
         if self_attn is not None and self_attn.mode == 'feature':  # rescales X
             with self._timed('self_attn_enhancement'):
                 features = self_attn.enhance_features(features,
                                                       self_attn.deficit(encoded.attention))
+            self._check('self_attn_enhancement', features)
         if self.outlier_suppression is not None:
             with self._timed('outlier_suppression'):
                 features = self.outlier_suppression(features, encoded.attention, encoded.grid)
+            self._check('outlier_suppression', features)
         if self.global_debias is not None:
             with self._timed('global_debias'):
                 features = self.global_debias(features, encoded.x_cls)
+            self._check('global_debias', features)
         if self.ctd is not None:
             with self._timed('ctd'):
                 features = self.ctd(features, encoded.x_cls)
+            self._check('ctd', features)
         with self._timed('classify'):
             logits = self.classify(features, encoded.x_cls)  # (B, N, Q)
-            return logits.transpose(1, 2).unflatten(-1, encoded.grid)
+        self._check('classify', logits)
+        return logits.transpose(1, 2).unflatten(-1, encoded.grid)
 
     def classify(self, features: Tensor, x_cls: Optional[Tensor] = None) -> Tensor:
         """cos(X_i, t_q) for every patch and query, (B, N, D) -> (B, N, Q), plus
@@ -235,15 +253,29 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
     def merged_logits(self, images: Tensor, merge: WindowMerge) -> Tensor:
         """Query logits (n, Q, H', W') of equally sized images (n, 3, H, W).
 
-        All windows of the images go through the pipeline together, in chunks of
-        ``max_crops_per_forward``. Bilinear upsampling of every crop, overlap averaging
-        and the resize to the output size are linear and separable, so they run as two
-        matrix products straight from the patch-grid logits (``WindowMerge``).
+        Bilinear upsampling of every crop, overlap averaging and the resize to the output
+        size are linear and separable, so they run as two matrix products straight from
+        the patch-grid logits (``WindowMerge``). Pixels reached by a window with
+        non-finite logits are NaN; the other windows' pixels are unaffected.
         """
-        crops = merge.cut(images)
-        logits = torch.cat([self.crop_patch_logits(chunk)
-                            for chunk in crops.split(self.max_crops_per_forward)])
-        return merge(logits)
+        patch_logits = self.window_patch_logits(images, merge)
+        return merge(patch_logits).masked_fill(merge.non_finite_pixels(patch_logits)[:, None],
+                                               float('nan'))
+
+    def window_patch_logits(self, images: Tensor, merge: WindowMerge) -> Tensor:
+        """Patch-grid query logits (n * windows, Q, h, w) of all windows of equally sized
+        images, image-major, at most ``max_crops_per_forward`` crops per ViT call. Crops
+        are cut chunk by chunk: a huge image never holds all its crops at once."""
+        chunk = self.max_crops_per_forward
+        if merge.num_windows <= chunk:  # whole images per call
+            per_call = chunk // merge.num_windows
+            crop_batches = (merge.cut(images[i:i + per_call])
+                            for i in range(0, len(images), per_call))
+        else:  # an image with more windows than one call takes: its windows in chunks
+            crop_batches = (merge.cut(image[None], slice(j, j + chunk))
+                            for image in images for j in range(0, merge.num_windows, chunk))
+        logits = [self.crop_patch_logits(crops) for crops in crop_batches]
+        return logits[0] if len(logits) == 1 else torch.cat(logits)
 
     def _image_groups(self, images: Sequence[Tensor],
                       output_sizes: Optional[Sequence[Tuple[int, int]]] = None):
@@ -273,35 +305,122 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
     def predict(self, inputs: Tensor,
                 data_samples: Optional[List[SegDataSample]] = None) -> List[SegDataSample]:
         """Segment a batch; samples get ``seg_logits`` (class probabilities at the original
-        size) and ``pred_sem_seg``."""
+        size) and ``pred_sem_seg``. Raises, naming the image, if its probabilities are not
+        finite (non-finite input pixels, or the first stage that produced NaN / inf)."""
         metas = _image_metas(inputs, data_samples)
         data_samples = data_samples or [SegDataSample() for _ in metas]
         # drop the batch padding: every image at its own (resized) size
         images = [image[:, :meta['img_shape'][0], :meta['img_shape'][1]]
                   for image, meta in zip(inputs, metas)]
         original_sizes = [tuple(meta['ori_shape'][:2]) for meta in metas]
+        finite = []  # (image indices, (n,) bool), read once after the whole batch
         if self.pamr is not None:  # refines each image's query logits with its pixels
-            seg_logits = []
-            for image, logits, size in zip(
-                    images, self.batch_slide_inference(images, original_sizes), original_sizes):
+            for index, (image, logits, size) in enumerate(zip(
+                    images, self.batch_slide_inference(images, original_sizes), original_sizes)):
                 resized = F.interpolate(image[None], size=size, mode='bilinear')
-                seg_logits.append(self.pamr(resized, logits[None].to(resized.dtype))[0])
-            return self.postprocess_result(seg_logits, data_samples)
-        for indices, batch, merge in self._image_groups(images, original_sizes):
-            key = (tuple(batch.shape), batch.dtype, str(batch.device), merge.output_size)
-            if (self.cuda_graph and batch.is_cuda and self.timer is None
-                    and self._graphs.accepts(key)):
-                probs, labels = self._graphs(key, self._segment_images, (batch, ), merge)
-            else:
-                probs, labels = self._segment_images(batch, merge)
-            for index, image_probs, image_labels in zip(indices, probs, labels):
-                _set_prediction(data_samples[index], image_probs, image_labels)
+                probs, labels = self.segment_logits(
+                    self.pamr(resized, logits[None].to(resized.dtype)))
+                _set_prediction(data_samples[index], probs[0], labels[0])
+                finite.append(([index], torch.isfinite(probs).flatten(1).all(dim=1)))
+        else:
+            for indices, batch, merge in self._image_groups(images, original_sizes):
+                key = (tuple(batch.shape), batch.dtype, str(batch.device), merge.output_size)
+                if (self.cuda_graph and batch.is_cuda and self.timer is None
+                        and self._graphs.accepts(key)):
+                    probs, labels, ok = self._graphs(key, self._segment_images, (batch, ), merge)
+                else:
+                    probs, labels, ok = self._segment_images(batch, merge)
+                for index, image_probs, image_labels in zip(indices, probs, labels):
+                    _set_prediction(data_samples[index], image_probs, image_labels)
+                finite.append((indices, ok))
+        self._check_finite_outputs(finite, images, metas)
         return data_samples
 
-    def _segment_images(self, images: Tensor, merge: WindowMerge) -> Tuple[Tensor, Tensor]:
-        """Class probabilities (n, C, H', W') and labels (n, H', W') of equally sized
-        images: the unit that ``cuda_graph`` captures."""
-        return self.segment_logits(self.merged_logits(images, merge))
+    def _segment_images(self, images: Tensor, merge: WindowMerge
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Class probabilities (n, C, H', W'), labels (n, H', W') and whether each image's
+        probabilities are finite (n,) of equally sized images: the unit that
+        ``cuda_graph`` captures.
+
+        Outputs bigger than ``max_merge_elements`` query logits are merged and
+        post-processed in bands of rows into the returned tensors, so memory grows with
+        what is returned, not with the number of queries."""
+        patch_logits = self.window_patch_logits(images, merge)
+        queries, (height, width) = patch_logits.shape[1], merge.output_size
+        bands = self._row_bands(len(images) * queries * width, height)
+        if len(bands) == 1:
+            probs, labels, unsure = self._pixel_predictions(patch_logits, merge, slice(None))
+        else:
+            probs = patch_logits.new_empty((len(images), self.synonym_max.num_classes, height,
+                                            width), dtype=torch.float32)
+            labels = probs.new_empty((len(images), height, width), dtype=torch.long)
+            unsure = labels.new_empty(labels.shape, dtype=torch.bool) if self.prob_thd else None
+            for rows in bands:
+                band_probs, band_labels, band_unsure = self._pixel_predictions(
+                    patch_logits, merge, rows)
+                probs[:, :, rows], labels[:, rows] = band_probs, band_labels
+                if unsure is not None:
+                    unsure[:, rows] = band_unsure
+        labels = final_labels(labels, unsure, probs.shape[1], self.area_thd, self.bg_idx)
+        return probs, labels, torch.isfinite(probs).flatten(1).all(dim=1)
+
+    def _pixel_predictions(self, patch_logits: Tensor, merge: WindowMerge, rows: slice):
+        return pixel_predictions(merge(patch_logits, rows), self.synonym_max, self.logit_scale,
+                                 self.prob_thd, merge.non_finite_pixels(patch_logits, rows))
+
+    def _row_bands(self, elements_per_row: int, height: int) -> List[slice]:
+        """Output rows merged at once: all, or bands of at most ``max_merge_elements``."""
+        if self.max_merge_elements is None:
+            return [slice(None)]
+        rows = max(1, self.max_merge_elements // max(1, elements_per_row))
+        if rows >= height:
+            return [slice(None)]
+        return [slice(start, min(start + rows, height)) for start in range(0, height, rows)]
+
+    # -- non-finite outputs -------------------------------------------------------------------
+    _stage_check = None  # set only while a non-finite output is traced back to its stage
+
+    def _check(self, stage: str, *tensors: Optional[Tensor]) -> None:
+        if self._stage_check is not None:
+            self._stage_check(stage, tensors)
+
+    def _check_finite_outputs(self, finite, images: List[Tensor], metas: List[dict]) -> None:
+        flags = torch.cat([ok for _, ok in finite]).cpu()  # one host sync per batch
+        if bool(flags.all()):
+            return
+        indices = [index for group, _ in finite for index in group]
+        index = indices[int((~flags).nonzero()[0])]
+        name = metas[index].get('img_path') or f'image {index} of the batch'
+        image = images[index]
+        non_finite_pixels = int((~torch.isfinite(image)).sum())
+        if non_finite_pixels:
+            raise ValueError(f'{name}: {non_finite_pixels} input values are NaN or inf (after '
+                             'the data preprocessor); the segmentor needs finite pixels.')
+        stage = self._first_non_finite_stage(image, tuple(metas[index]['ori_shape'][:2]))
+        raise FloatingPointError(f'{name}: the class probabilities are not finite; the first '
+                                 f'NaN / inf values come from {stage}.')
+
+    def _first_non_finite_stage(self, image: Tensor, output_size: Tuple[int, int]) -> str:
+        """Reruns one image with a finiteness check after every stage."""
+        def check(stage, tensors):
+            if any(t is not None and not bool(torch.isfinite(t).all()) for t in tensors):
+                raise _NonFiniteStage(stage)
+
+        self._stage_check = check
+        try:
+            merge = self._window_merge(tuple(image.shape[-2:]), output_size, image.device)
+            logits = self.merged_logits(image[None], merge)
+            self._check('the window merge', logits)
+            if self.pamr is not None:
+                resized = F.interpolate(image[None], size=output_size, mode='bilinear')
+                logits = self.pamr(resized, logits.to(resized.dtype))
+                self._check('PAMR', logits)
+            self._check('post-processing (logit_scale, softmax)', self.segment_logits(logits)[0])
+        except _NonFiniteStage as found:
+            return f'stage {found.stage!r}'
+        finally:
+            self._stage_check = None
+        return 'an unknown stage (every stage is finite when the image is run alone)'
 
     def postprocess_result(self, seg_logits: List[Tensor],
                            data_samples: Optional[List[SegDataSample]] = None
@@ -365,11 +484,17 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         return read_class_file(name_path)
 
     @staticmethod
-    def _build_pamr(steps: int, stride: Sequence[int]) -> Optional[PAMR]:
+    def _build_pamr(steps: int, stride: Sequence[int],
+                    dilations_alias: Optional[Sequence[int]]) -> Optional[PAMR]:
         steps = check_int('pamr_steps', steps, 0)
-        dilations = (stride, ) if isinstance(stride, int) else tuple(stride)
-        if not dilations or any(not isinstance(d, int) or d < 1 for d in dilations):
-            raise ValueError(f'pamr_stride (PAMR dilations) must be positive ints, got {stride}.')
+        key, value = (('pamr_stride', stride) if dilations_alias is None
+                      else ('pamr_dilations', dilations_alias))
+        dilations = tuple(value) if isinstance(value, (list, tuple)) else (value, )
+        if not dilations or any(isinstance(d, bool) or not isinstance(d, int)
+                                or not 1 <= d <= MAX_DILATION for d in dilations):
+            raise ValueError(f'{key} must be an int or a non-empty list of ints in '
+                             f'[1, {MAX_DILATION}] (PAMR dilations: each pads the full-size '
+                             f'logits by that many pixels per side), got {value!r}.')
         return PAMR(steps, dilations) if steps else None
 
 
@@ -402,3 +527,9 @@ def _check_bg_idx(bg_idx, num_classes: int, needed: bool) -> Optional[int]:
         raise ValueError(f'bg_idx must be a class index in [0, {num_classes - 1}] (it receives '
                          f'the pixels dropped by prob_thd / area_thd), got {bg_idx!r}.')
     return bg_idx
+
+
+class _NonFiniteStage(Exception):
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.stage = stage

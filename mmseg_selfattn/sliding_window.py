@@ -95,26 +95,47 @@ class WindowMerge:
         resize = linear_resize_matrix(size, output_size, device)
         return resize @ torch.cat(blocks, dim=1)
 
-    def cut(self, images: Tensor) -> Tensor:
-        """(n, 3, H, W) -> padded crops (n * windows, 3, h, w), image-major."""
-        crops = torch.stack([images[..., y1:y2, x1:x2] for y1, y2, x1, x2 in self.windows],
-                            dim=1).flatten(0, 1)
+    def cut(self, images: Tensor, windows: slice = slice(None)) -> Tensor:
+        """(n, 3, H, W) -> padded crops (n * windows, 3, h, w), image-major; ``windows``
+        picks a range of each image's windows (huge images are cut chunk by chunk)."""
+        crops = torch.stack([images[..., y1:y2, x1:x2] for y1, y2, x1, x2 in
+                             self.windows[windows]], dim=1).flatten(0, 1)
         return pad_to_patch_multiple(crops, self.patch_size)[0]
 
-    def __call__(self, patch_logits: Tensor) -> Tensor:
-        """(n * windows, Q, h, w) patch-grid logits -> (n, Q, H', W') merged logits.
+    def __call__(self, patch_logits: Tensor, rows: slice = slice(None)) -> Tensor:
+        """(n * windows, Q, h, w) patch-grid logits -> (n, Q, H', W') merged logits, or
+        only the output ``rows`` (a band of a huge image).
 
         The windows' patch logits of each image and query are laid side by side as a
         (rows * h, cols * w) mosaic M; then Y = R M C^T, two plain matrix products.
+        Non-finite logits count as 0 here: in a matrix product 0 x NaN is NaN, so one bad
+        window would spread over the whole image; ``non_finite_pixels`` marks its own
+        pixels instead.
         """
-        rows, cols = len(self.row_spans), len(self.col_spans)
-        logits = patch_logits.float().unflatten(0, (-1, rows, cols))  # (n, r, c, Q, h, w)
+        window_rows, window_cols = len(self.row_spans), len(self.col_spans)
+        logits = patch_logits.float().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        logits = logits.unflatten(0, (-1, window_rows, window_cols))  # (n, r, c, Q, h, w)
         n, _, _, queries, h, w = logits.shape
         # (n Q, cols * w, rows * h): the transposed mosaic (a small copy)
-        mosaic_t = logits.permute(0, 3, 2, 5, 1, 4).reshape(n * queries, cols * w, rows * h)
-        rows_done = mosaic_t @ self.row_matrix.T  # (n Q, cols * w, H')
-        merged = rows_done.transpose(1, 2) @ self.col_matrix.T  # (n Q, H', W')
+        mosaic_t = logits.permute(0, 3, 2, 5, 1, 4).reshape(n * queries, window_cols * w,
+                                                            window_rows * h)
+        rows_done = mosaic_t @ self.row_matrix[rows].T  # (n Q, cols * w, H' rows)
+        merged = rows_done.transpose(1, 2) @ self.col_matrix.T  # (n Q, H' rows, W')
         return merged.view(n, queries, *merged.shape[-2:])
+
+    def non_finite_pixels(self, patch_logits: Tensor, rows: slice = slice(None)) -> Tensor:
+        """(n, H' rows, W') bool: the output pixels that a window with a non-finite patch
+        logit reaches (its own pixels, not the whole image)."""
+        bad_windows = ~torch.isfinite(patch_logits).flatten(1).all(dim=1)
+        bad_windows = bad_windows.float().view(-1, len(self.row_spans), len(self.col_spans))
+        reached = (_reach(self.row_matrix[rows], len(self.row_spans)) @ bad_windows
+                   @ _reach(self.col_matrix, len(self.col_spans)).T)
+        return reached > 0
+
+
+def _reach(axis_matrix: Tensor, windows: int) -> Tensor:
+    """(outputs, windows) 0/1: whether a window contributes to an output row / column."""
+    return (axis_matrix.unflatten(1, (windows, -1)).abs().sum(dim=2) > 0).float()
 
 
 def published_slide_inference(segmentor, images: Sequence[Tensor],

@@ -5,6 +5,8 @@ Each query is embedded with the 80 ImageNet templates: every prompt embedding
 L2-normalised, averaged, re-normalised. Results are cached per class list and
 device, so a dataset's queries are embedded once.
 """
+import logging
+import os
 import re
 from pathlib import Path
 from typing import Dict, Sequence, Tuple
@@ -12,30 +14,106 @@ from typing import Dict, Sequence, Tuple
 import open_clip
 import torch
 import torch.nn.functional as F
+from mmengine.logging import print_log
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
 
 ClassNames = Tuple[Tuple[str, ...], ...]  # one tuple of synonyms per class
 
 
-def parse_class_names(lines: Sequence[str]) -> ClassNames:
-    """Class lines -> synonyms per class; blank lines are skipped."""
+def parse_class_names(lines: Sequence[str], source: str = 'class_names') -> ClassNames:
+    """Class lines -> synonyms per class, for ``class_names`` lists and name files alike.
+
+    Class i is the i-th line, so every line that could shift the later indices is an
+    error naming ``source`` and the 1-based line:
+
+    - a line naming no class (blank, or only ',' / ';') before the last class; blank
+      lines after it (a trailing newline) are fine;
+    - a line that is not a string;
+    - two lines with the same first name or the same synonyms (compared as CLIP's
+      tokenizer sees them: case and repeated spaces ignored): the later class could
+      never be predicted.
+
+    Different classes may share a synonym (the published coco_object list has 'bed' on
+    the background line and as a class); a class whose synonyms all belong to an earlier
+    class loses every tie to it, so it is logged as a warning.
+    """
+    if isinstance(lines, str) or not isinstance(lines, (list, tuple)):
+        raise ValueError(f'{source} must be a list of class lines, e.g. '
+                         f"['sky', 'road; street'] (or set name_path to a class-name file), "
+                         f'got {lines!r}.')
     classes = []
-    for line in lines:
+    first_empty = None  # the first line naming no class since the last class
+    for number, line in enumerate(lines, start=1):
+        if not isinstance(line, str):
+            raise ValueError(f'{source}, line {number}: a class line must be a string, '
+                             f'got {line!r}.')
         synonyms = tuple(name.strip() for name in re.split(r'[,;]', line) if name.strip())
-        if synonyms:
-            classes.append(synonyms)
+        if not synonyms:
+            first_empty = first_empty or number
+            continue
+        if first_empty:
+            raise ValueError(f'{source}, line {first_empty} names no class '
+                             f'({lines[first_empty - 1]!r}): class indices follow the lines, '
+                             'so only lines after the last class may be empty.')
+        classes.append(synonyms)
     if not classes:
-        raise ValueError('the class list is empty: give one class per line, synonyms '
+        raise ValueError(f'{source}: the class list is empty: give one class per line, synonyms '
                          "separated by ',' or ';'.")
+    _check_repeated_classes(classes, source)
     return tuple(classes)
 
 
+def _check_repeated_classes(classes: Sequence[Tuple[str, ...]], source: str) -> None:
+    """Errors for two classes with the same first name or synonyms, a warning for a class
+    hidden by an earlier one (see ``parse_class_names``); class i is on line i + 1."""
+    # as CLIP's tokenizer sees a name: lower case, single spaces
+    keys = [[' '.join(name.lower().split()) for name in synonyms] for synonyms in classes]
+    synonym_sets = [frozenset(names) for names in keys]
+    line_of_name, line_of_synonyms = {}, {}
+    for line, (names, synonyms) in enumerate(zip(keys, synonym_sets), start=1):
+        if names[0] in line_of_name:
+            raise ValueError(f'{source}, lines {line_of_name[names[0]]} and {line} both name the '
+                             f"class {classes[line - 1][0]!r}: merge them into one line "
+                             "(synonyms separated by ',').")
+        if synonyms in line_of_synonyms:
+            raise ValueError(f'{source}, lines {line_of_synonyms[synonyms]} and {line} list the '
+                             f'same synonyms {list(classes[line - 1])}: line {line} could never '
+                             'be predicted; remove it.')
+        line_of_name[names[0]], line_of_synonyms[synonyms] = line, line
+    for line, synonyms in enumerate(synonym_sets, start=1):
+        earlier = next((other for other in range(1, line)
+                        if synonyms <= synonym_sets[other - 1]), None)
+        if earlier:  # its score never exceeds the earlier class's, and ties go to the earlier
+            print_log(f'{source}, line {line}: every synonym of {classes[line - 1][0]!r} is also '
+                      f'on line {earlier} ({classes[earlier - 1][0]!r}, ...), which wins every '
+                      f'tie: {classes[line - 1][0]!r} is never predicted.',
+                      logger='current', level=logging.WARNING)
+
+
 def read_class_file(path: str) -> ClassNames:
+    """Classes of a name file (UTF-8, a BOM is skipped), by ``parse_class_names``'s rules."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f'name_path must be the path of a class-name file (a str), got {path!r}.')
+    path = os.fspath(path)
+    source = f'name_path={path!r}'
+    if Path(path).is_dir():
+        raise IsADirectoryError(f'{source} is a directory: give a text file with one class per '
+                                "line (synonyms separated by ',' or ';').")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"name_path='{path}' does not exist: give a text file with "
+        raise FileNotFoundError(f'{source} does not exist: give a text file with '
                                 "one class per line (synonyms separated by ',' or ';').")
-    return parse_class_names(Path(path).read_text(encoding='utf-8').splitlines())
+    raw = Path(path).read_bytes()
+    try:
+        # a BOM (Windows editors) is no part of the first name; 'utf-8-sig' would shift
+        # the error offsets below past it
+        text = raw.decode('utf-8').removeprefix('\ufeff')
+    except UnicodeDecodeError as error:
+        line = raw.count(b'\n', 0, error.start) + 1
+        column = error.start - (raw.rfind(b'\n', 0, error.start) + 1) + 1
+        raise ValueError(f'{source} is not UTF-8 text: byte 0x{raw[error.start]:02x} on line '
+                         f'{line}, column {column}; save the file as UTF-8.') from None
+    return parse_class_names(text.splitlines(), source)
 
 
 def query_to_class_index(class_names: ClassNames) -> torch.Tensor:

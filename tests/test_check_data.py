@@ -125,5 +125,18 @@ def test_label_map_of_another_size_than_its_image(fabricated, tmp_path, capsys):
     output = capsys.readouterr().out
     problems = [line for line in output.splitlines() if 'PROBLEM' in line]
     assert len(problems) == 1, output
-    assert '1 label map(s) differ in size from their image' in problems[0]
-    assert str(label_file) in problems[0] and 'is 30x20' in problems[0]
+    assert '1 label map(s) cannot be used' in problems[0]
+    assert str(label_file) in problems[0] and 'is 20 x 30' in problems[0]
+
+
+def test_rgb_label_map_is_reported(fabricated, tmp_path, capsys):
+    root, samples = fabricated
+    shutil.copytree(root / 'ade', tmp_path / 'ade')
+    label_file = tmp_path / samples['ade20k'][2][1].relative_to(root)
+    Image.open(label_file).convert('RGB').save(label_file)
+
+    assert check_data.main([str(ADE_CONFIG), '--data-root', str(tmp_path),
+                            '--nproc', '2']) == 1
+    output = capsys.readouterr().out
+    assert f'PROBLEM: 1 label map(s) cannot be used, e.g. {label_file}: label map of shape' \
+        in output and '3 channels' in output

@@ -1,9 +1,16 @@
 """Weights sources of SPEC §4: round trips through every checkpoint format, clear errors."""
+import copy
+import socket
+import time
+import zipfile
+
+import open_clip
 import pytest
 import torch
 from open_clip.transformer import QuickGELU
 from safetensors.torch import save_file
 
+from mmseg_selfattn import clip_loader
 from mmseg_selfattn.clip_loader import load_clip
 from mmseg_selfattn.encoder import DenseCLIPEncoder
 
@@ -102,12 +109,11 @@ def test_garbage_file_is_a_clear_error(tmp_path):
         load_clip(TINY_ARCH, str(tmp_path / 'junk.pt'))
 
 
-def test_offline_tag_download_is_a_clear_error(monkeypatch):
-    import open_clip
-
+def test_offline_tag_download_is_a_clear_error(monkeypatch, no_offline_env):
     def offline(*args, **kwargs):
         raise RuntimeError('Failed to download weights for tag')
 
+    monkeypatch.setattr(clip_loader, '_host_reachable', lambda host, port: True)
     monkeypatch.setattr(open_clip, 'create_model', offline)
     with pytest.raises(RuntimeError, match=r"Could not fetch .*pretrained='openai'.*"
                        r"clip.pretrained='/path/to/checkpoint'"):
@@ -126,3 +132,216 @@ def test_random_weights_are_seeded():
     c = load_clip(TINY_ARCH, None, seed=1)
     assert torch.equal(a.visual.proj, b.visual.proj)
     assert not torch.equal(a.visual.proj, c.visual.proj)
+
+
+# --- NaN / inf weights ---------------------------------------------------------------------
+
+def with_nan_proj(model):
+    """A copy of ``model`` whose visual.proj holds 3 NaN / inf values."""
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.visual.proj[0, :2] = float('nan')
+        broken.visual.proj[1, 0] = float('-inf')
+    return broken
+
+
+def save_openai_torchscript(model, path, images):
+    torch.jit.trace(model, (images[:1], torch.arange(1, 78)[None]), strict=False,
+                    check_trace=False).save(str(path))
+
+
+def save_openai_state_dict(model, path, images):
+    state_dict = {k: v.half() for k, v in model.state_dict().items()}
+    state_dict.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77),
+                      vocab_size=torch.tensor(49408))
+    torch.save(state_dict, path)
+
+
+def save_open_clip(model, path, images):
+    state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if path.suffix == '.safetensors':
+        save_file(state_dict, str(path))
+    else:
+        torch.save({'state_dict': state_dict}, path)
+
+
+@pytest.mark.parametrize('save, name', [
+    (save_openai_torchscript, 'ViT-openai.pt'), (save_openai_state_dict, 'openai_sd.pt'),
+    (save_open_clip, 'model.pt'), (save_open_clip, 'model.bin'),
+    (save_open_clip, 'model.safetensors')])
+def test_non_finite_weights_are_refused(openai_model, images, tmp_path, save, name):
+    path = tmp_path / name
+    save(with_nan_proj(openai_model), path, images)
+    with pytest.raises(ValueError, match=f"^clip.pretrained='{path}': tensor 'visual.proj' holds "
+                       '3 NaN / inf values; the checkpoint is corrupt.$'):
+        load_clip(TINY_ARCH, str(path))
+
+
+def test_non_finite_weights_list_the_first_tensors(tiny_clip, tmp_path):
+    state_dict = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
+    state_dict['visual.proj'][0, 0] = float('inf')
+    state_dict['text_projection'][:, :2] = float('nan')
+    torch.save(state_dict, tmp_path / 'm.pt')
+    with pytest.raises(ValueError, match=r"m.pt': 2 tensors hold NaN / inf values: "
+                       r"'text_projection' \(\d+\), 'visual.proj' \(1\); the checkpoint is "
+                       'corrupt'):
+        load_clip(TINY_ARCH, str(tmp_path / 'm.pt'))
+
+
+def test_non_finite_tag_weights_are_refused(tiny_clip, monkeypatch, no_offline_env):
+    broken = with_nan_proj(tiny_clip)
+    monkeypatch.setattr(clip_loader, '_host_reachable', lambda host, port: True)
+    monkeypatch.setattr(open_clip, 'create_model', lambda *args, **kwargs: broken)
+    with pytest.raises(ValueError, match="clip.pretrained='openai': tensor 'visual.proj' holds 3"):
+        load_clip('ViT-B-16', 'openai')
+
+
+def test_finite_weights_whose_sum_overflows_pass():
+    clip_loader._check_finite({'w': torch.full((4,), 3e38)}, '/x.pt')
+
+
+# --- corrupt files -------------------------------------------------------------------------
+
+def corrupt_torchscript_pickle(path):
+    """Replace the archive's module pickle by junk; the zip itself stays valid."""
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(path, 'w') as archive:
+        for name, data in entries.items():
+            archive.writestr(name, b'\xff' * 40 if name.endswith('/data.pkl') else data)
+
+
+@pytest.mark.parametrize('name, corrupt, kind', [
+    ('m.safetensors', lambda path: path.write_bytes(path.read_bytes()[:-1000]),
+     'a safetensors file'),
+    ('m.safetensors', lambda path: path.write_bytes(bytes(range(256)) * 8), 'a safetensors file'),
+    ('m.bin', lambda path: path.write_bytes(path.read_bytes()[:1000]), 'a tensor state dict'),
+    ('ViT-openai.pt', corrupt_torchscript_pickle, 'a TorchScript archive')])
+def test_corrupt_file_is_a_clear_error(openai_model, images, tmp_path, name, corrupt, kind):
+    path = tmp_path / name
+    if 'openai' in name:
+        save_openai_torchscript(openai_model, path, images)
+    else:
+        save_open_clip(openai_model, path, images)
+    corrupt(path)
+    with pytest.raises(ValueError, match=f"clip.pretrained='{path}' could not be read as {kind} "
+                       r"\(.*\): the file is truncated or corrupt"):
+        load_clip(TINY_ARCH, str(path))
+
+
+# --- argument types ------------------------------------------------------------------------
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(quick_gelu='yes'), r"clip.quick_gelu must be True, False or None \(auto\), got 'yes'"),
+    (dict(quick_gelu=1), r'clip.quick_gelu must be True, False or None \(auto\), got 1'),
+    (dict(seed='a'), "clip.seed must be an int >= 0, got 'a'"),
+    (dict(seed=True), 'clip.seed must be an int >= 0, got True'),
+    (dict(seed=1.5), 'clip.seed must be an int >= 0, got 1.5'),
+    (dict(seed=-1), 'clip.seed must be an int >= 0, got -1'),
+    (dict(arch=123), r"clip.arch must be an open_clip model name \(str\).*got 123"),
+    (dict(pretrained=['x']), r"clip.pretrained must be None, an open_clip tag or a checkpoint "
+                             r"path \(str\), got \['x'\]"),
+    (dict(cache_dir=5), r'clip.cache_dir must be None or a folder path \(str\), got 5')])
+def test_wrong_argument_types_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        load_clip(**{'arch': TINY_ARCH, 'pretrained': None, **kwargs})
+
+
+def test_pretrained_may_be_a_path_object(tiny_clip, tmp_path):
+    torch.save(tiny_clip.state_dict(), tmp_path / 'm.pt')
+    assert not uses_quick_gelu(load_clip(TINY_ARCH, tmp_path / 'm.pt'))
+
+
+# --- offline tags fail fast ----------------------------------------------------------------
+
+@pytest.fixture
+def no_offline_env(monkeypatch):
+    for name in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE', 'https_proxy', 'HTTPS_PROXY',
+                 'http_proxy', 'HTTP_PROXY'):
+        monkeypatch.delenv(name, raising=False)
+
+
+def refuse_download(*args, **kwargs):
+    raise AssertionError('open_clip was asked to download')
+
+
+@pytest.mark.parametrize('variable', ['HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE'])
+def test_offline_env_fails_fast(monkeypatch, tmp_path, no_offline_env, variable):
+    monkeypatch.setenv(variable, '1')
+    monkeypatch.setattr(clip_loader, '_host_reachable', refuse_download)  # no probe needed
+    monkeypatch.setattr(open_clip, 'create_model', refuse_download)
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=f"pretrained='openai' \\({variable}=1 and the weights "
+                       r"are not in the local cache\).*clip.pretrained='/path/to/checkpoint'"):
+        load_clip('ViT-B-16', 'openai', cache_dir=str(tmp_path))
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize('source, host', [('hf_hub', 'huggingface.co'),
+                                          ('url', 'openaipublic.azureedge.net')])
+def test_unreachable_host_fails_fast(monkeypatch, tmp_path, no_offline_env, source, host):
+    if source == 'url':
+        monkeypatch.setattr(open_clip.pretrained, 'has_hf_hub', lambda necessary=False: False)
+    probed = []
+    monkeypatch.setattr(clip_loader, '_host_reachable',
+                        lambda *address: probed.append(address) or False)
+    monkeypatch.setattr(open_clip, 'create_model', refuse_download)
+    with pytest.raises(RuntimeError, match=f"\\({host}:443 is unreachable and the weights are "
+                       r"not in the local cache\).*clip.pretrained='/path/to/checkpoint'"):
+        load_clip('ViT-B-16', 'openai', cache_dir=str(tmp_path))
+    assert probed == [(host, 443)]
+
+
+def test_tag_fails_within_10s_without_network(tmp_path, no_offline_env):
+    """The real probe, end to end; on a machine with network there is nothing to test."""
+    clip_loader._host_reachable.cache_clear()
+    if clip_loader._host_reachable('huggingface.co', 443):
+        pytest.skip('huggingface.co is reachable')
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError,
+                       match="huggingface.co:443 is unreachable.*/path/to/checkpoint"):
+        load_clip('ViT-B-16', 'laion2b_s34b_b88k', cache_dir=str(tmp_path))
+    assert time.perf_counter() - start < 10
+
+
+def cache_hf_file(cache_dir, repo_id, filename):
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text('0123abcd')
+    (repo / 'snapshots' / '0123abcd').mkdir(parents=True)
+    (repo / 'snapshots' / '0123abcd' / filename).write_bytes(b'weights')
+
+
+@pytest.mark.parametrize('source', ['hf_hub', 'url'])
+def test_cached_tag_is_not_refused_offline(tiny_clip, monkeypatch, tmp_path, no_offline_env,
+                                           source):
+    if source == 'url':
+        monkeypatch.setattr(open_clip.pretrained, 'has_hf_hub', lambda necessary=False: False)
+        (tmp_path / 'ViT-B-16.pt').write_bytes(b'weights')  # open_clip's URL cache layout
+    else:
+        cache_hf_file(tmp_path, 'timm/vit_base_patch16_clip_224.openai',
+                      'open_clip_model.safetensors')
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    calls = []
+    monkeypatch.setattr(open_clip, 'create_model',
+                        lambda *args, **kwargs: calls.append(kwargs) or tiny_clip)
+    load_clip('ViT-B-16', 'openai', cache_dir=str(tmp_path))
+    assert calls == [dict(pretrained='openai', force_quick_gelu=True, cache_dir=str(tmp_path))]
+
+
+def test_reachable_host_leaves_the_download_to_open_clip(tiny_clip, monkeypatch, tmp_path,
+                                                         no_offline_env):
+    monkeypatch.setattr(clip_loader, '_host_reachable', lambda host, port: True)
+    calls = []
+    monkeypatch.setattr(open_clip, 'create_model',
+                        lambda *args, **kwargs: calls.append(kwargs) or tiny_clip)
+    load_clip('ViT-B-16', 'laion2b_s34b_b88k', cache_dir=str(tmp_path))
+    assert calls == [dict(pretrained='laion2b_s34b_b88k', force_quick_gelu=False,
+                          cache_dir=str(tmp_path))]
+
+
+def test_host_probe():
+    with socket.create_server(('127.0.0.1', 0)) as server:
+        port = server.getsockname()[1]
+        assert clip_loader._host_reachable.__wrapped__('127.0.0.1', port)
+    assert not clip_loader._host_reachable.__wrapped__('127.0.0.1', port)  # closed now

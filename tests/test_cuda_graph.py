@@ -58,3 +58,16 @@ def test_shapes_beyond_the_cap_run_eagerly():
         torch.testing.assert_close(graphed.predict(image)[0].seg_logits.data,
                                    eager.predict(image)[0].seg_logits.data, atol=1e-5, rtol=0)
     assert len(graphed._graphs) == 1
+
+
+@needs_cuda
+def test_banded_merge_and_non_finite_check_inside_the_graph():
+    eager = build(max_merge_elements=None)
+    graphed = build(cuda_graph=True, max_merge_elements=7 * 56 * 5)  # bands of 5 rows
+    image = torch.randn(1, 3, 40, 56).cuda()
+    for _ in range(2):  # capture, then replay
+        torch.testing.assert_close(graphed.predict(image)[0].seg_logits.data,
+                                   eager.predict(image)[0].seg_logits.data, atol=1e-5, rtol=0)
+    image[0, 0, 3, 4] = float('nan')
+    with pytest.raises(ValueError, match='1 input values are NaN or inf'):
+        graphed.predict(image)

@@ -104,7 +104,7 @@ def test_config_parses_and_builds_with_the_tiny_arch(path, tmp_path, monkeypatch
         line for line in name_path.read_text().splitlines() if line.strip()
     ]
     assert len(class_lines) == len(dataset_cls.METAINFO['classes'])
-    assert any(hook['type'] == 'ClassCountCheckHook' for hook in cfg.custom_hooks)
+    assert any(hook['type'] == 'TestSetCheckHook' for hook in cfg.custom_hooks)
 
     cfg.model.clip = dict(arch=TINY_ARCH, pretrained=None)
     cfg.model.similarity_enhancement_cfg.layer = -2  # the tiny ViT has 3 blocks
@@ -128,7 +128,7 @@ def test_voc21_settings():
             model.bg_idx) == (65.0, 0.1, 0.1, 0)
     assert model.attention == 'naclip'
     resize = cfg.test_dataloader.dataset.pipeline[1]
-    assert resize == dict(type='Resize', scale=(2048, 336), keep_ratio=True)
+    assert resize == dict(type='AtLeastOnePixelResize', scale=(2048, 336), keep_ratio=True)
 
 
 @pytest.mark.parametrize('attention', ATTENTIONS)

@@ -173,7 +173,7 @@ def test_failing_benchmark_is_reported_and_the_rest_still_run(data_root, tmp_pat
     status, output = run_main(['--method', 'naclip', '--benchmarks', 'cityscapes', 'voc21',
                                '--data-root', data, '--work-dir', work_dir, *FAST])
     assert status == 1
-    assert '[eval_all 1/2] cityscapes: FAILED' in output
+    assert '[eval_all 2/2] cityscapes: FAILED' in output  # papers' order
     error_file = work_dir / 'cityscapes' / 'error.txt'
     assert error_file.is_file()
     traceback_text = error_file.read_text()
@@ -182,7 +182,7 @@ def test_failing_benchmark_is_reported_and_the_rest_still_run(data_root, tmp_pat
     assert not (work_dir / 'cityscapes' / 'result.json').exists()
     assert (work_dir / 'voc21' / 'result.json').is_file()
     rows = read_csv(work_dir)
-    assert list(rows) == ['cityscapes', 'voc21', 'average (1 of 2)']
+    assert list(rows) == ['voc21', 'cityscapes', 'average (1 of 2)']
     assert rows['cityscapes']['error'] != ''
     assert all(rows['cityscapes'][key] == '-' for key in METRICS)
     voc = read_result(work_dir, 'voc21')['metrics']
@@ -190,7 +190,7 @@ def test_failing_benchmark_is_reported_and_the_rest_still_run(data_root, tmp_pat
         assert rows['voc21'][key] == f'{voc[key]:.2f}'
         assert rows['average (1 of 2)'][key] == f'{voc[key]:.2f}'
     assert rows['voc21']['error'] == ''
-    assert '| City | VOC21 | avg |' in (work_dir / 'results.md').read_text()
+    assert '| VOC21 | City | avg |' in (work_dir / 'results.md').read_text()
 
 
 def test_changed_cfg_option_or_rerun_evaluates_again(voc_ade_run, data_root, tmp_path):

@@ -65,9 +65,10 @@ def test_preset_matches_published_settings(method, bench):
     for key, value in expected_settings(method, bench).items():
         actual = cfg.model[key]
         assert (tuple(actual) if key == 'pamr_stride' else actual) == value, key
-    resize = [t for t in dataset_cfg_of(cfg)['pipeline'] if t['type'] == 'Resize']
-    assert resize == [dict(type='Resize', scale=(2048, PER_DATASET[bench][method]['short']),
-                           keep_ratio=True)]
+    resize = [t for t in dataset_cfg_of(cfg)['pipeline']
+              if t['type'] == 'AtLeastOnePixelResize']
+    assert resize == [dict(type='AtLeastOnePixelResize',
+                           scale=(2048, PER_DATASET[bench][method]['short']), keep_ratio=True)]
     assert dataset_cfg_of(cfg)['type'] == BENCHMARKS[bench].dataset_type
     assert Path(cfg.model.name_path).stem == CLASS_FILES.get(bench, bench)
     assert cfg.model.bg_idx == 0  # background (or the first class) takes unsure pixels

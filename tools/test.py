@@ -21,7 +21,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from mmseg_selfattn.hooks import with_class_count_check  # noqa: E402
+from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -132,7 +132,7 @@ def main() -> None:
     if args.launcher != 'none' and cfg.get('model_wrapper_cfg') is None:
         cfg.model_wrapper_cfg = dict(type='InferenceOnlyWrapper')
 
-    with_class_count_check(cfg)  # also for configs without our default_runtime
+    with_test_set_checks(cfg)  # also for configs without our default_runtime
     runner = Runner.from_cfg(cfg)
     steady = SteadyThroughputHook()
     runner.register_hook(steady, priority='LOWEST')

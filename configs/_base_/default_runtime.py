@@ -16,8 +16,9 @@ default_hooks = dict(
     # every image, but only once tools/test.py --show/--show-dir sets draw
     visualization=dict(type='SegVisualizationHook', interval=1))
 
-# fails before the first image if model and dataset disagree on the class count
-custom_hooks = [dict(type='ClassCountCheckHook')]  # mmseg_selfattn/hooks.py
+# fails before the first image on an empty test set or a class count that differs
+# between model and dataset
+custom_hooks = [dict(type='TestSetCheckHook')]  # mmseg_selfattn/hooks.py
 
 vis_backends = [dict(type='LocalVisBackend')]
 visualizer = dict(

@@ -8,7 +8,7 @@ from typing import Optional
 from mmseg.registry import MODELS
 from torch import nn
 
-from ..config_checks import check_keys
+from ..config_checks import check_keys, init_defaults
 from .ctd import ClusterTokenDebias
 from .global_debias import GlobalDebias
 from .outlier_suppression import OutlierSuppression
@@ -34,12 +34,20 @@ def build_stage(name: str, enabled: bool, cfg: Optional[dict]) -> Optional[nn.Mo
     """
     if not isinstance(enabled, bool):
         raise ValueError(f'apply_{name} must be True or False, got {enabled!r}.')
+    if cfg is not None and not isinstance(cfg, dict):
+        defaults = ', '.join(f'{key}={value!r}'
+                             for key, value in init_defaults(PIPELINE_STAGES[name]).items())
+        raise ValueError(f'{name}_cfg must be a dict, e.g. {name}_cfg=dict({defaults}) (the '
+                         f'defaults), got {cfg!r}.')
     cfg = dict(cfg or {})
     stage_type = cfg.pop('type', PIPELINE_STAGES[name])
     if isinstance(stage_type, str):
         stage_type = MODELS.get(stage_type)
         if stage_type is None:
             raise ValueError(f"{name}_cfg.type is not registered in mmseg's MODELS.")
+    elif not isinstance(stage_type, type):
+        raise ValueError(f"{name}_cfg.type must be a name registered in mmseg's MODELS or a "
+                         f'class, got {stage_type!r}.')
     check_keys(f'{name}_cfg', cfg, stage_type)
     return stage_type(**cfg) if enabled else None
 

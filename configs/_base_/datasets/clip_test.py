@@ -1,9 +1,12 @@
 # Test-time data settings shared by every dataset base (as in the SCLIP/NACLIP configs):
 # short side 336, one image per batch, mIoU. A dataset base sets test_dataloader.dataset.
+# The transforms and the metric are mmseg's, checked: bad data fails naming its file
+# (mmseg_selfattn/transforms.py, metrics.py).
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(2048, 336), keep_ratio=True),  # short side 336
-    dict(type='LoadAnnotations'),  # reduce_zero_label comes from the dataset
+    dict(type='LoadCheckedImageFromFile'),
+    # short side 336; a 1 x 5000 image becomes 1 x 2048, not 0 x 2048
+    dict(type='AtLeastOnePixelResize', scale=(2048, 336), keep_ratio=True),
+    dict(type='LoadCheckedAnnotations'),  # reduce_zero_label comes from the dataset
     dict(type='PackSegInputs'),
 ]
 test_dataloader = dict(
@@ -12,5 +15,8 @@ test_dataloader = dict(
     persistent_workers=True,
     pin_memory=True,  # with the preprocessor's non_blocking copies
     sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=dict(pipeline=test_pipeline))
-test_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
+    # unserialised, an empty split still builds (mmengine's serialisation fails on it
+    # obscurely), so that TestSetCheckHook can name the dataset and its paths
+    dataset=dict(pipeline=test_pipeline, serialize_data=False))
+# warns once per label value that is neither a class index nor 255
+test_evaluator = dict(type='CheckedIoUMetric', iou_metrics=['mIoU'])
