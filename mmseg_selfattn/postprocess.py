@@ -85,22 +85,13 @@ def segment(query_logits: Tensor, synonym_max: SynonymMax, logit_scale: float,
 
 
 def pixel_predictions(query_logits: Tensor, synonym_max: SynonymMax, logit_scale: float,
-                      prob_thd: float = 0.0, invalid: Optional[Tensor] = None
-                      ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+                      prob_thd: float = 0.0) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """The per-pixel part of ``segment``, so that a huge image can run band by band.
 
     Returns class probabilities (n, C, H, W), argmax labels (n, H, W) and, when
-    ``prob_thd`` is set, the unsure pixels (n, H, W) bool (else None). ``invalid``
-    (n, H, W) bool marks pixels whose probabilities must come out NaN (reached by a
-    window with non-finite logits); it costs no extra pass over the probabilities.
+    ``prob_thd`` is set, the unsure pixels (n, H, W) bool (else None).
     """
-    class_logits = synonym_max(query_logits.float())
-    if invalid is None:
-        scaled_class_logits = logit_scale * class_logits
-    else:  # NaN bias added in the same kernel as the scaling
-        nan_bias = torch.zeros_like(invalid, dtype=class_logits.dtype).masked_fill_(
-            invalid, float('nan'))
-        scaled_class_logits = torch.add(nan_bias[:, None], class_logits, alpha=logit_scale)
+    scaled_class_logits = logit_scale * synonym_max(query_logits.float())
     probs = scaled_class_logits.softmax(dim=1)
     labels = probs.argmax(dim=1)
     unsure = None
@@ -127,10 +118,10 @@ def _drop_small_classes(labels: Tensor, num_classes: int, area_thd: float,
     """Labels of classes covering less than ``area_thd`` of their image -> bg_idx."""
     flat = labels.flatten(1)  # (n, H*W)
     # compare-and-count: no bincount host sync, no atomics contending on C bins
-    classes = torch.arange(num_classes, device=labels.device)
-    per_chunk = max(1, 2**28 // (num_classes * flat.shape[1]))  # bounds the bool temporary
-    area = torch.cat([(chunk[:, None, :] == classes[:, None]).sum(dim=-1)  # (n, C)
-                      for chunk in flat.split(per_chunk)])
+    classes = torch.arange(num_classes, device=labels.device)[:, None]
+    pixels_per_chunk = max(1, 2**26 // (num_classes * flat.shape[0]))  # bounds the bool temporary
+    area = sum((chunk[:, None, :] == classes).sum(dim=-1)  # (n, C)
+               for chunk in flat.split(pixels_per_chunk, dim=1))
     too_small = area < area_thd * flat.shape[1]
     too_small[:, bg_idx] = False
     return torch.where(too_small.gather(1, flat).view_as(labels), bg_idx, labels)

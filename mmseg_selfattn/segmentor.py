@@ -95,7 +95,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                  slide_crop: int = 224,
                  slide_stride: int = 112,
                  max_crops_per_forward: int = 64,
-                 max_merge_elements: Optional[int] = 2**26,
+                 max_merge_elements: Optional[int] = 2**27,
                  precision: str = 'fp32',
                  compile: bool = False,
                  cuda_graph: bool = False,
@@ -280,17 +280,25 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
     def _image_groups(self, images: Sequence[Tensor],
                       output_sizes: Optional[Sequence[Tuple[int, int]]] = None):
         """Yields (indices, stacked images (n, 3, H, W), WindowMerge): images of one size
-        and output size, as many per group as fit in ``max_crops_per_forward`` crops."""
+        and output size, as many per group as fit in ``max_crops_per_forward`` crops and
+        ``max_merge_elements`` merged logits."""
         output_sizes = output_sizes or [tuple(image.shape[-2:]) for image in images]
         groups = defaultdict(list)  # (image size, output size) -> image indices
         for index, (image, output_size) in enumerate(zip(images, output_sizes)):
             groups[(tuple(image.shape[-2:]), tuple(output_size))].append(index)
         for (size, output_size), indices in groups.items():
             merge = self._window_merge(size, output_size, images[indices[0]].device)
-            images_per_forward = max(1, self.max_crops_per_forward // merge.num_windows)
+            images_per_forward = self.max_crops_per_forward // merge.num_windows
+            if self.max_merge_elements is not None:  # merged logits of the group, bounded
+                logits_per_image = self.synonym_max.num_queries * output_size[0] * output_size[1]
+                images_per_forward = min(images_per_forward,
+                                         self.max_merge_elements // logits_per_image)
+            images_per_forward = max(1, images_per_forward)
             for start in range(0, len(indices), images_per_forward):
                 group = indices[start:start + images_per_forward]
-                yield group, torch.stack([images[i] for i in group]), merge
+                stacked = images[group[0]][None] if len(group) == 1 else torch.stack(
+                    [images[i] for i in group])  # one huge image is not copied
+                yield group, stacked, merge
 
     def _window_merge(self, size: Tuple[int, int], output_size: Tuple[int, int],
                       device: torch.device) -> WindowMerge:
@@ -362,11 +370,16 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                 if unsure is not None:
                     unsure[:, rows] = band_unsure
         labels = final_labels(labels, unsure, probs.shape[1], self.area_thd, self.bg_idx)
-        return probs, labels, torch.isfinite(probs).flatten(1).all(dim=1)
+        # the merge zeroes a bad window's logits (they cannot spread), so its flag comes
+        # from the patch logits; a sum is finite iff its terms are (probs are <= 1)
+        windows_finite = torch.isfinite(patch_logits).flatten(1).all(dim=1)
+        finite = windows_finite.view(len(images), -1).all(dim=1) & torch.isfinite(
+            probs.flatten(1).sum(dim=1))
+        return probs, labels, finite
 
     def _pixel_predictions(self, patch_logits: Tensor, merge: WindowMerge, rows: slice):
         return pixel_predictions(merge(patch_logits, rows), self.synonym_max, self.logit_scale,
-                                 self.prob_thd, merge.non_finite_pixels(patch_logits, rows))
+                                 self.prob_thd)
 
     def _row_bands(self, elements_per_row: int, height: int) -> List[slice]:
         """Output rows merged at once: all, or bands of at most ``max_merge_elements``."""
@@ -385,7 +398,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             self._stage_check(stage, tensors)
 
     def _check_finite_outputs(self, finite, images: List[Tensor], metas: List[dict]) -> None:
-        flags = torch.cat([ok for _, ok in finite]).cpu()  # one host sync per batch
+        flags = (finite[0][1] if len(finite) == 1 else torch.cat([ok for _, ok in finite])
+                 ).cpu()  # one host sync per batch
         if bool(flags.all()):
             return
         indices = [index for group, _ in finite for index in group]
