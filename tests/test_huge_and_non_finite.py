@@ -111,3 +111,15 @@ def test_pamr_path_reports_non_finite_input():
     images[0, 1, 3, 3] = float('-inf')
     with pytest.raises(ValueError, match=r'img0\.jpg: 1 input values are NaN or inf'):
         predict(model, images)
+
+
+def test_merge_bound_auto_per_device_and_bad_values():
+    model = build()
+    assert model.max_merge_elements == 'auto'
+    assert model._merge_bound(torch.device('cpu')) == 2**25
+    assert model._merge_bound(torch.device('cuda')) == 2**27
+    assert model._row_bands(2**20, 100)[:2] == [slice(0, 32), slice(32, 64)]  # 2**25 on CPU
+    for bad in ('none', 0, True, 2.5):
+        with pytest.raises(ValueError, match=r"max_merge_elements must be an int >= 1, "
+                                             r"'auto' or None, got"):
+            build(max_merge_elements=bad)
