@@ -113,6 +113,12 @@ def final_labels(labels: Tensor, unsure: Optional[Tensor], num_classes: int,
     return labels
 
 
+def finite_per_image(probs: Tensor) -> Tensor:
+    """(n,) whether each image's probabilities (n, C, H, W) are finite: their sum is finite
+    iff every term is (each is at most 1), and a sum needs no full-size temporary."""
+    return torch.isfinite(probs.flatten(1).sum(dim=1))
+
+
 def _drop_small_classes(labels: Tensor, num_classes: int, area_thd: float,
                         bg_idx: int) -> Tensor:
     """Labels of classes covering less than ``area_thd`` of their image -> bg_idx."""

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .dense_attention import ProbsHook, gaussian_window
 from .encoder import DenseCLIPEncoder, EncodedCrops
+from .postprocess import finite_per_image
 from .sliding_window import WindowMerge, published_slide_inference
 
 
@@ -124,4 +125,4 @@ def _published_merged_logits(segmentor: nn.Module, images: Tensor, merge: Window
 def _published_segment_images(segmentor: nn.Module, images: Tensor, merge: WindowMerge):
     """``_segment_images`` on the published merge: probabilities, labels, finite flags."""
     probs, labels = segmentor.segment_logits(segmentor.merged_logits(images, merge))
-    return probs, labels, torch.isfinite(probs).flatten(1).all(dim=1)
+    return probs, labels, finite_per_image(probs)

@@ -16,7 +16,8 @@ from .config_checks import check_choice, check_int, check_number
 from .cuda_graphs import CUDAGraphCache
 from .encoder import DenseCLIPEncoder
 from .pamr import MAX_DILATION, PAMR
-from .postprocess import SynonymMax, final_labels, pixel_predictions, segment
+from .postprocess import (SynonymMax, final_labels, finite_per_image, pixel_predictions,
+                          segment)
 from .sliding_window import WindowMerge, pad_to_patch_multiple
 from .stages import build_stage
 from .stages.global_debias import cls_logit_bias
@@ -328,13 +329,14 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         original_sizes = [tuple(meta['ori_shape'][:2]) for meta in metas]
         finite = []  # (image indices, (n,) bool), read once after the whole batch
         if self.pamr is not None:  # refines each image's query logits with its pixels
-            for index, (image, logits, size) in enumerate(zip(
-                    images, self.batch_slide_inference(images, original_sizes), original_sizes)):
+            seg_logits = []
+            for image, logits, size in zip(
+                    images, self.batch_slide_inference(images, original_sizes), original_sizes):
                 resized = F.interpolate(image[None], size=size, mode='bilinear')
-                probs, labels = self.segment_logits(
-                    self.pamr(resized, logits[None].to(resized.dtype)))
-                _set_prediction(data_samples[index], probs[0], labels[0])
-                finite.append(([index], torch.isfinite(probs).flatten(1).all(dim=1)))
+                seg_logits.append(self.pamr(resized, logits[None].to(resized.dtype))[0])
+            self.postprocess_result(seg_logits, data_samples)
+            finite.append((list(range(len(images))), torch.cat(
+                [finite_per_image(sample.seg_logits.data[None]) for sample in data_samples])))
         else:
             for indices, batch, merge in self._image_groups(images, original_sizes):
                 key = (tuple(batch.shape), batch.dtype, str(batch.device), merge.output_size)
@@ -375,11 +377,9 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                 if unsure is not None:
                     unsure[:, rows] = band_unsure
         labels = final_labels(labels, unsure, probs.shape[1], self.area_thd, self.bg_idx)
-        # the merge zeroes a bad window's logits (they cannot spread), so its flag comes
-        # from the patch logits; a sum is finite iff its terms are (probs are <= 1)
+        # the merge zeroes a bad window's logits (they cannot spread): flag them here
         windows_finite = torch.isfinite(patch_logits).flatten(1).all(dim=1)
-        finite = windows_finite.view(len(images), -1).all(dim=1) & torch.isfinite(
-            probs.flatten(1).sum(dim=1))
+        finite = windows_finite.view(len(images), -1).all(dim=1) & finite_per_image(probs)
         return probs, labels, finite
 
     def _pixel_predictions(self, patch_logits: Tensor, merge: WindowMerge, rows: slice):
