@@ -5,6 +5,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from mmengine.logging import print_log
 from mmengine.structures import PixelData
 from mmseg.models.segmentors.base import BaseSegmentor
 from mmseg.registry import MODELS
@@ -12,15 +13,17 @@ from mmseg.structures import SegDataSample
 from torch import Tensor
 
 from .clip_loader import load_clip
-from .config_checks import check_choice, check_int, check_number
+from .config_checks import check_choice, check_int, check_number, init_defaults
 from .cuda_graphs import CUDAGraphCache
 from .encoder import DenseCLIPEncoder
+from .explain import ImageInput, StageMaps, explain
 from .pamr import MAX_DILATION, PAMR
 from .postprocess import (SynonymMax, final_labels, finite_per_image, pixel_predictions,
                           segment)
 from .sliding_window import WindowMerge, pad_to_patch_multiple
 from .stages import build_stage
 from .stages.global_debias import cls_logit_bias
+from .startup_log import log_enabled
 from .text_classifier import (ClassNames, TextClassifier, parse_class_names,
                               query_to_class_index, read_class_file)
 
@@ -157,6 +160,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         self.encoder = DenseCLIPEncoder(clip_model.visual, attention, gaussian_std).to(
             self.vit_dtype)
         self.text_classifier = TextClassifier(clip_model, clip_cfg['arch'])
+        self.cls_token_lambda = check_number('cls_token_lambda', cls_token_lambda)
+        self._log_settings(clip_cfg, attention)  # then each enabled stage logs its line
 
         stage_switches = dict(
             similarity_enhancement=(apply_similarity_enhancement, similarity_enhancement_cfg),
@@ -164,11 +169,16 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             outlier_suppression=(apply_outlier_suppression, outlier_suppression_cfg),
             global_debias=(apply_global_debias, global_debias_cfg),
             ctd=(apply_ctd, ctd_cfg))
+        self.stage_settings: Dict[str, dict] = {}  # enabled stage -> its settings
         for name, (enabled, cfg) in stage_switches.items():
-            setattr(self, name, build_stage(name, enabled, cfg))
-        self.cls_token_lambda = check_number('cls_token_lambda', cls_token_lambda)
+            stage = build_stage(name, enabled, cfg)
+            setattr(self, name, stage)
+            if stage is not None:
+                settings = {key: value for key, value in (cfg or {}).items() if key != 'type'}
+                self.stage_settings[name] = {**init_defaults(type(stage)), **settings}
         self._check_stage_compatibility(attention)
         self.timer = None  # optional `timer(stage_name)` context manager (tools/benchmark.py)
+        self._recorder = None  # optional `record(**tensors)` callable (explain.py)
         for key, value in (('compile', compile), ('cuda_graph', cuda_graph)):
             if not isinstance(value, bool):
                 raise ValueError(f'{key} must be True or False, got {value!r}.')
@@ -187,20 +197,24 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
     def crop_patch_logits(self, crops: Tensor) -> Tensor:
         """Stages 1-7 on crops (B, 3, H, W) -> query logits on the patch grid (B, Q, h, w)."""
         similarity, self_attn = self.similarity_enhancement, self.self_attn_enhancement
+        record = self._recorder  # explain(): keeps the stages' own tensors
         crops = crops.to(self.vit_dtype)
         with self._timed('encode'):
-            encoded = self.encoder.encode(crops, capture_attention=self._needs_attention,
-                                          mid_layers=self._mid_layers)
+            encoded = self.encoder.encode(
+                crops, capture_attention=self._needs_attention or record is not None,
+                mid_layers=self._mid_layers)
         self._check('encode', encoded.x_cls, encoded.attention)
-        attention_bias = probs_hook = None
+        attention_bias = probs_hook = deficit = None
         if similarity is not None:
             with self._timed('similarity_enhancement'):
                 attention_bias = similarity.attention_bias(
                     [encoded.mid_features[index] for index in self._mid_layers])
             self._check('similarity_enhancement', attention_bias)
+        if self_attn is not None:
+            deficit = self_attn.deficit(encoded.attention)
         if self_attn is not None and self_attn.mode == 'attention':  # edits P in the block
             with self._timed('self_attn_enhancement'):
-                probs_hook = self_attn.probs_hook(self_attn.deficit(encoded.attention))
+                probs_hook = self_attn.probs_hook(deficit)
         with self._timed('dense_block'):
             features = self.encoder.dense_features(encoded, attention_bias, probs_hook)
         self._check('dense block' + (' with self-attention enhancement' if probs_hook else ''),
@@ -209,13 +223,15 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         features, encoded.x_cls = features.float(), encoded.x_cls.float()
         if self_attn is not None and self_attn.mode == 'feature':  # rescales X
             with self._timed('self_attn_enhancement'):
-                features = self_attn.enhance_features(features,
-                                                      self_attn.deficit(encoded.attention))
+                features = self_attn.enhance_features(features, deficit)
             self._check('self_attn_enhancement', features)
         if self.outlier_suppression is not None:
             with self._timed('outlier_suppression'):
                 features = self.outlier_suppression(features, encoded.attention, encoded.grid)
             self._check('outlier_suppression', features)
+        if record is not None:
+            record(attention=encoded.attention, x_cls=encoded.x_cls, deficit=deficit,
+                   features_before_debias=features)
         if self.global_debias is not None:
             with self._timed('global_debias'):
                 features = self.global_debias(features, encoded.x_cls)
@@ -224,10 +240,20 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             with self._timed('ctd'):
                 features = self.ctd(features, encoded.x_cls)
             self._check('ctd', features)
+        if record is not None:
+            record(features_after_debias=features, **self._stage_diagnostics())
         with self._timed('classify'):
             logits = self.classify(features, encoded.x_cls)  # (B, N, Q)
         self._check('classify', logits)
         return logits.transpose(1, 2).unflatten(-1, encoded.grid)
+
+    def _stage_diagnostics(self) -> Dict[str, Optional[Tensor]]:
+        """What stages 4 and 6 kept of their latest call (for ``explain``)."""
+        outliers, ctd = self.outlier_suppression, self.ctd
+        return dict(
+            outlier_scores=getattr(outliers, 'last_scores', None),
+            outlier_indices=getattr(outliers, 'last_outlier_indices', None),
+            ctd_labels=getattr(ctd, 'last_labels', None))
 
     def classify(self, features: Tensor, x_cls: Optional[Tensor] = None) -> Tensor:
         """cos(X_i, t_q) for every patch and query, (B, N, D) -> (B, N, Q), plus
@@ -341,7 +367,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             for indices, batch, merge in self._image_groups(images, original_sizes):
                 key = (tuple(batch.shape), batch.dtype, str(batch.device), merge.output_size)
                 if (self.cuda_graph and batch.is_cuda and self.timer is None
-                        and self._graphs.accepts(key)):
+                        and self._recorder is None and self._graphs.accepts(key)):
                     probs, labels, ok = self._graphs(key, self._segment_images, (batch, ), merge)
                 else:
                     probs, labels, ok = self._segment_images(batch, merge)
@@ -466,6 +492,11 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         return segment(query_logits, self.synonym_max, self.logit_scale, self.prob_thd,
                        self.area_thd, self.bg_idx)
 
+    def explain(self, image: ImageInput) -> StageMaps:
+        """Stage maps of one image (a file path or an (H, W, 3) uint8 BGR array) from a
+        real run of ``predict``, in image coordinates: see ``mmseg_selfattn.explain``."""
+        return explain(self, image)
+
     # -- BaseSegmentor interface -----------------------------------------------------------
     def extract_feat(self, inputs: Tensor) -> Tensor:
         """Dense patch features X (B, N, D) of inputs taken as crops."""
@@ -495,6 +526,23 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         # the captured attention A feeds stages 3 and 4
         self._needs_attention = (self.self_attn_enhancement is not None
                                  or self.outlier_suppression is not None)
+
+    def _log_settings(self, clip_cfg: dict, attention: str) -> None:
+        """Start-up lines of the parts outside stages 2-6 (those log their own)."""
+        precision = {dtype: key for key, dtype in VIT_DTYPES.items()}[self.vit_dtype]
+        window = (f'slide_crop={self.slide_crop}, slide_stride={self.slide_stride}'
+                  if self.slide_crop else 'whole image')
+        print_log(f"[Encoder] {clip_cfg['arch']} (pretrained={clip_cfg.get('pretrained')}), "
+                  f'attention={attention}, {window}, precision={precision}',
+                  logger='current')
+        print_log(f'[Classifier] {self.synonym_max.num_classes} classes '
+                  f'({self.synonym_max.num_queries} queries), logit_scale={self.logit_scale}, '
+                  f'prob_thd={self.prob_thd}, area_thd={self.area_thd}, bg_idx={self.bg_idx}',
+                  logger='current')
+        if self.cls_token_lambda:
+            log_enabled('CLS Logit Debias', f'cls_token_lambda={self.cls_token_lambda}')
+        if self.pamr is not None:
+            log_enabled('PAMR', f'steps={self.pamr.num_iter}, dilations={self.pamr.dilations}')
 
     def _timed(self, stage: str):
         return self.timer(stage) if self.timer is not None else nullcontext()

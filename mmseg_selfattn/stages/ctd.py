@@ -23,6 +23,7 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 
 from ..config_checks import check_int, check_number
+from ..startup_log import log_enabled
 from .dbscan import dbscan
 
 
@@ -101,6 +102,7 @@ class ClusterTokenDebias(nn.Module):
         self.scale = check_number(f'{self.cfg_key}.scale', scale, 0)
         self.refine = check_number(f'{self.cfg_key}.refine', refine, 0, 1)
         self.last_labels: Optional[Tensor] = None
+        log_enabled('CTD', self.extra_repr())
 
     def forward(self, features: Tensor, x_cls: Tensor) -> Tensor:
         """features (B, N, D), x_cls (B, D) -> debiased features (B, N, D)."""

@@ -17,6 +17,7 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 
 from ..config_checks import check_number
+from ..startup_log import log_enabled
 from .vectors import unit_vectors
 
 
@@ -55,6 +56,7 @@ class GlobalDebias(nn.Module):
     def __init__(self, factor: float = 0.2):
         super().__init__()
         self.factor = check_number(f'{self.cfg_key}.factor', factor, 0)
+        log_enabled('Global Debias', self.extra_repr())
 
     def forward(self, features: Tensor, x_cls: Tensor) -> Tensor:
         """features (B, N, D), x_cls (B, D) -> (B, N, D)."""
@@ -62,3 +64,6 @@ class GlobalDebias(nn.Module):
             raise ValueError(f'global debias: features {tuple(features.shape)} and x_cls '
                              f'{tuple(x_cls.shape)} disagree; expected (B, N, D) and (B, D).')
         return global_debias(features, x_cls, self.factor)
+
+    def extra_repr(self) -> str:
+        return f'factor={self.factor}'

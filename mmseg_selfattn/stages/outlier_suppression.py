@@ -32,6 +32,7 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 
 from ..config_checks import check_choice, check_int, check_number
+from ..startup_log import log_enabled
 from .vectors import unit_vectors
 
 INTERPOLATIONS = ('mean', 'inverse_cosine')
@@ -222,6 +223,7 @@ class OutlierSuppression(nn.Module):
         self.eps = check_number(f'{key}.eps', eps, 0, low_open=True)
         self.last_scores: Optional[Tensor] = None
         self.last_outlier_indices: Optional[Tensor] = None
+        log_enabled('Outlier Suppression', self.extra_repr())
 
     def forward(self, features: Tensor, attention: Tensor, grid: Tuple[int, int]) -> Tensor:
         """features (B, N, D), attention A (B, 1+N, 1+N), grid (h, w) -> features (B, N, D)."""
@@ -244,3 +246,8 @@ class OutlierSuppression(nn.Module):
                                                   self.neighbour_decontamination)
         # replacement touches only outliers, decontamination only clean tokens
         return torch.where(outlier_mask[..., None], replaced, decontaminated)
+
+    def extra_repr(self) -> str:
+        return (f'top_k={self.top_k}, min_ratio={self.min_ratio}, '
+                f'interpolation={self.interpolation}, '
+                f'neighbour_decontamination={self.neighbour_decontamination}, eps={self.eps}')

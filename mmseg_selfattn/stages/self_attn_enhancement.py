@@ -31,11 +31,11 @@ import math
 from typing import Callable, Dict, Optional
 
 import torch
-from mmengine.logging import print_log
 from mmseg.registry import MODELS
 from torch import Tensor, nn
 
 from ..config_checks import check_choice, check_number
+from ..startup_log import log_enabled
 
 CFG_KEY = 'self_attn_enhancement_cfg'
 MODES = ('feature', 'attention')
@@ -117,8 +117,7 @@ class SelfAttentionEnhancement(nn.Module):
         self.threshold = check_number(f'{CFG_KEY}.min_self_attn_threshold',
                                       min_self_attn_threshold, 0, 1)
         self.mode = check_choice(f'{CFG_KEY}.mode', mode, MODES)
-        print_log(f'[Self-Attention Enhancement] Enabled with strength={self.strength}, '
-                  f'threshold={self.threshold}, mode={self.mode}', logger='current')
+        log_enabled('Self-Attention Enhancement', self.extra_repr())
 
     @property
     def is_neutral(self) -> bool:

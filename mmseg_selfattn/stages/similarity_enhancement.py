@@ -30,6 +30,7 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 
 from ..config_checks import check_number
+from ..startup_log import log_enabled
 
 CFG_KEY = 'similarity_enhancement_cfg'
 
@@ -111,6 +112,7 @@ class SimilarityEnhancement(nn.Module):
                                                add_self_similarity)
         self.threshold = None if threshold is None else check_number(
             f'{CFG_KEY}.threshold', threshold, -1, 1)
+        log_enabled('Similarity Enhancement', self.extra_repr())
 
     @property
     def is_neutral(self) -> bool:
