@@ -54,6 +54,11 @@ class StageMaps:
         window_boxes: (num_windows, 4) float (y1, y2, x1, x2) of every window in the
             original image's pixels.
         settings: enabled stage -> its settings (``model.stage_settings``).
+        recorded: the stages' tensors as the segmentor handed them over, all windows
+            concatenated: ``attention`` (windows, T, T), ``x_cls`` (windows, D),
+            ``features_before_debias`` / ``features_after_debias`` (windows, N, D), and
+            when their stages are on ``deficit``, ``outlier_scores`` (windows, N),
+            ``outlier_indices`` (windows, k), ``ctd_labels`` (windows, N).
     """
     image: np.ndarray
     class_names: List[Tuple[str, ...]]
@@ -63,6 +68,7 @@ class StageMaps:
     windows: Dict[str, Tensor]
     window_boxes: Tensor
     settings: Dict[str, dict]
+    recorded: Dict[str, Tensor]
     _layout: dict = field(default_factory=dict, repr=False)
 
     def window_mosaic(self, name: str) -> Tensor:
@@ -188,4 +194,5 @@ def _stage_maps(model, tensors: Dict[str, Tensor], sample, image: np.ndarray,
                      probabilities=sample.seg_logits.data.cpu(),
                      labels=sample.pred_sem_seg.data[0].cpu(), maps=cpu(maps),
                      windows=cpu(windows), window_boxes=boxes,
-                     settings=dict(model.stage_settings), _layout=layout)
+                     settings=dict(model.stage_settings), recorded=cpu(tensors),
+                     _layout=layout)
