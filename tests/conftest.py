@@ -1,9 +1,11 @@
+import logging
 import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from mmengine.logging import MMLogger
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -30,3 +32,22 @@ def tiny_clip():
 def images():
     torch.manual_seed(1)
     return torch.randn(2, 3, 32, 32)
+
+
+@pytest.fixture
+def log_records():
+    """Records reaching mmengine's current logger (what print_log(logger='current') uses)."""
+    records = []
+
+    class ListHandler(logging.Handler):
+
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = MMLogger.get_current_instance()
+    handler, level = ListHandler(level=logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(level)

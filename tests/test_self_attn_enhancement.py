@@ -1,11 +1,9 @@
 """Stage 3, self-attention enhancement: deficit, both modes, stats, log line, config errors."""
-import logging
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from mmengine.logging import MMLogger
 
 from mmseg_selfattn.encoder import DenseCLIPEncoder
 from mmseg_selfattn.stages.self_attn_enhancement import (SelfAttentionEnhancement,
@@ -33,25 +31,6 @@ def hand_made_probs(row_sum: int, heads: int = 3) -> torch.Tensor:
     torch.manual_seed(0)
     probs = sum(torch.randn(2, heads, 5, 5).softmax(dim=-1) for _ in range(row_sum))
     return probs
-
-
-@pytest.fixture
-def log_records():
-    """Records reaching mmengine's current logger (what print_log(logger='current') uses)."""
-    records = []
-
-    class ListHandler(logging.Handler):
-
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    logger = MMLogger.get_current_instance()
-    handler, level = ListHandler(level=logging.INFO), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def test_deficit():
