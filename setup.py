@@ -17,7 +17,7 @@ setup(
     package_data={'mmseg_selfattn': ['model_configs/*.json']},
     install_requires=[
         'torch>=2.0', 'mmengine>=0.10,<1.0', 'mmsegmentation>=1.2,<1.3', 'open_clip_torch>=2.24',
-        'ftfy', 'regex', 'numpy', 'matplotlib', 'imgviz', 'safetensors'
+        'ftfy', 'regex', 'numpy', 'matplotlib', 'imgviz', 'safetensors', 'tqdm'
     ],
     extras_require={'tests': ['pytest', 'scikit-learn', 'scikit-image']},
 )

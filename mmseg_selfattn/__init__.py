@@ -11,14 +11,17 @@ from .encoder import DenseCLIPEncoder, EncodedCrops  # noqa: E402
 from .hooks import TestSetCheckHook  # noqa: E402
 from .inference_wrapper import InferenceOnlyWrapper  # noqa: E402
 from .metrics import CheckedIoUMetric  # noqa: E402
+from .progress import ProgressBarHook  # noqa: E402
 from .segmentor import SelfAttnCLIPSegmentor  # noqa: E402
 from .text_classifier import TextClassifier  # noqa: E402
 from .transforms import (AtLeastOnePixelResize, LoadCheckedAnnotations,  # noqa: E402
                          LoadCheckedImageFromFile)
+from .visualization import SideBySideVisualizationHook  # noqa: E402
 
 __version__ = '0.1.0'
 __all__ = ['load_clip', 'CamVidDataset', 'COCOObjectDataset', 'PascalContext59Dataset',
            'PascalContext60Dataset', 'PascalVOC20Dataset', 'DenseCLIPEncoder', 'EncodedCrops',
            'SelfAttnCLIPSegmentor', 'SizeAgnosticSegDataPreProcessor', 'TextClassifier',
            'InferenceOnlyWrapper', 'TestSetCheckHook', 'CheckedIoUMetric',
-           'LoadCheckedImageFromFile', 'AtLeastOnePixelResize', 'LoadCheckedAnnotations']
+           'LoadCheckedImageFromFile', 'AtLeastOnePixelResize', 'LoadCheckedAnnotations',
+           'ProgressBarHook', 'SideBySideVisualizationHook']

@@ -5,7 +5,9 @@
 
 ABLATION_SET is a folder of configs (run in name order) or a list of config files.
 Every row is evaluated with mmengine's Runner, as tools/test.py does; the table
-(markdown) is printed and written to ``<work-dir>/ablation.md``.
+(markdown) is printed and written to ``<work-dir>/ablation.md``. Each row starts with a
+line "[i/n] <config>: evaluating (elapsed, ETA of the set)"; a progress bar of the
+row's test loop goes to stderr unless ``--no-progress``.
 """
 import argparse
 import os.path as osp
@@ -19,6 +21,7 @@ import mmseg_selfattn  # noqa: E402,F401  (mmcv.ops stand-in, registers modules)
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+from mmseg_selfattn.progress import RunSetProgress, with_progress  # noqa: E402
 from mmseg_selfattn.stages import PIPELINE_STAGES  # noqa: E402
 
 
@@ -29,6 +32,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--work-dir', default='work_dirs/ablation')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='applied to every config, e.g. model.clip.pretrained=None')
+    parser.add_argument('--no-progress', action='store_true',
+                        help="no progress bar of each row's test loop on stderr")
     return parser.parse_args()
 
 
@@ -60,6 +65,8 @@ def evaluate(config: Path, args: argparse.Namespace, row: int):
         cfg.merge_from_dict(args.cfg_options)
     cfg.work_dir = osp.join(args.work_dir, config.stem)
     cfg.experiment_name = f'{config.stem}_{row}_{time.strftime("%Y%m%d_%H%M%S")}'
+    if not args.no_progress:
+        with_progress(cfg)
     start = time.perf_counter()
     metrics = Runner.from_cfg(cfg).test()
     return cfg, metrics, time.perf_counter() - start
@@ -68,8 +75,13 @@ def evaluate(config: Path, args: argparse.Namespace, row: int):
 def main() -> None:
     args = parse_args()
     rows, note = [], None
-    for index, config in enumerate(config_files(args.ablation_set)):
+    files = config_files(args.ablation_set)
+    progress = RunSetProgress(len(files))
+    for index, config in enumerate(files):
+        print(f'[{index + 1}/{len(files)}] {config.stem}: evaluating '
+              f'({progress.status(index + 1)})', flush=True)
         cfg, metrics, seconds = evaluate(config, args, index)
+        progress.timed(seconds)
         note = note or weights_note(cfg.model)
         rows.append(f'| {index} | {config.stem} | {stages_on(cfg.model)} | '
                     f"{metrics['mIoU']:.2f} | {metrics['mAcc']:.2f} | {metrics['aAcc']:.2f} | "

@@ -13,7 +13,9 @@ result was produced by the same resolved config (after ``--cfg-options`` and
 A failing entry is reported in the table, its traceback kept in
 ``WORK_DIR/<entry>/error.txt``, and the remaining entries still run (exit status 1).
 The table (mIoU, mAcc, aAcc per entry and their average) is printed and written to
-``WORK_DIR/results.md`` and ``WORK_DIR/results.csv``.
+``WORK_DIR/results.md`` and ``WORK_DIR/results.csv``. Each entry's line "[eval_all i/n]"
+gives the elapsed time and an ETA of the whole set; a progress bar of its test loop
+goes to stderr unless ``--no-progress``.
 """
 import argparse
 import copy
@@ -42,6 +44,7 @@ from mmengine.runner import Runner  # noqa: E402
 from mmseg_selfattn.benchmarks import (BENCHMARKS, METHOD_CONFIGS, method_config,  # noqa: E402
                                        set_data_dir)
 from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
+from mmseg_selfattn.progress import RunSetProgress, with_progress  # noqa: E402
 
 METRICS = ('mIoU', 'mAcc', 'aAcc')
 
@@ -63,6 +66,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='evaluate entries that already have a result again')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='overrides merged into every config, as in tools/test.py')
+    parser.add_argument('--no-progress', action='store_true',
+                        help="no progress bar of each entry's test loop on stderr")
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher (one process per GPU)')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
@@ -106,7 +111,7 @@ def fingerprint(cfg: Config) -> str:
     return hashlib.sha256(cfg.pretty_text.encode()).hexdigest()[:16]
 
 
-def evaluate(name: str, cfg: Config, work_dir: Path, launcher: str) -> dict:
+def evaluate(name: str, cfg: Config, work_dir: Path, launcher: str, progress: bool) -> dict:
     cfg.work_dir = str(work_dir)
     cfg.launcher = launcher
     if launcher != 'none' and cfg.get('model_wrapper_cfg') is None:
@@ -114,6 +119,8 @@ def evaluate(name: str, cfg: Config, work_dir: Path, launcher: str) -> dict:
     if 'visualizer' in cfg:  # one visualizer instance per entry, not the first one's
         cfg.visualizer['name'] = f'visualizer_{name}_{time.time_ns()}'
     with_test_set_checks(cfg)
+    if progress:
+        with_progress(cfg)
     start = time.perf_counter()
     runner = Runner.from_cfg(cfg)
     metrics = runner.test()
@@ -182,6 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     say = functools.partial(print, flush=True) if rank == 0 else lambda *_: None
     results: Dict[str, dict] = {}
+    runs = RunSetProgress(len(entries))
     for index, (name, config) in enumerate(entries.items(), 1):
         entry_dir = work_dir / name
         entry_dir.mkdir(exist_ok=True)
@@ -198,8 +206,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     say(f'{prefix}: done earlier, kept ({result_file})')
                     continue
                 say(f'{prefix}: config changed since the stored result, evaluating again')
-            say(f'{prefix}: evaluating {config}')
-            result = evaluate(name, cfg, entry_dir, args.launcher)
+            say(f'{prefix}: evaluating {config} ({runs.status(index)})')
+            result = evaluate(name, cfg, entry_dir, args.launcher, not args.no_progress)
+            runs.timed(result['seconds'])
             result.update(config=str(config), fingerprint=key)
             if rank == 0:
                 write_json(result_file, result)

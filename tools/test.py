@@ -1,10 +1,13 @@
 """Evaluate a config on its test set: the MMSegmentation 1.x ``tools/test.py``.
 
     python tools/test.py CONFIG [CHECKPOINT] [--work-dir DIR] [--show-dir DIR]
-        [--out DIR] [--cfg-options KEY=VALUE ...] [--launcher pytorch]
+        [--out DIR] [--no-progress] [--cfg-options KEY=VALUE ...] [--launcher pytorch]
 
 CHECKPOINT is optional: the segmentor loads its CLIP weights itself, from
 ``model.clip.pretrained``. Multi-GPU: ``tools/dist_test.sh CONFIG GPUS``.
+``--show-dir DIR`` writes ``DIR/<image stem>.png`` per image: photo, ground truth and
+prediction side by side (mmseg_selfattn/visualization.py). A progress bar with an ETA
+goes to stderr (mmseg_selfattn/progress.py) unless ``--no-progress``.
 """
 import argparse
 import os
@@ -22,6 +25,7 @@ from mmengine.hooks import Hook  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
+from mmseg_selfattn.progress import with_progress  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,10 +46,12 @@ def parse_args() -> argparse.Namespace:
         type=str,
         help='directory to save the predicted label maps (png) in')
     parser.add_argument(
-        '--show', action='store_true', help='show prediction results')
+        '--show', action='store_true',
+        help="show prediction results in a window (mmseg's SegVisualizationHook)")
     parser.add_argument(
         '--show-dir',
-        help='directory to save images painted with the predictions in')
+        help='directory to save one picture per image in: photo, ground truth and '
+        'prediction side by side')
     parser.add_argument(
         '--wait-time', type=float, default=2, help='the interval of show (s)')
     parser.add_argument(
@@ -63,9 +69,15 @@ def parse_args() -> argparse.Namespace:
         choices=['none', 'pytorch', 'slurm', 'mpi'],
         default='none',
         help='job launcher')
+    parser.add_argument('--no-progress', action='store_true',
+                        help='no progress bar (images done, images/s, ETA) on stderr')
     # torch.distributed.launch passes --local-rank (torch>=2.0) or --local_rank
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args()
+    if args.show and sys.platform.startswith('linux') and not (
+            os.environ.get('DISPLAY') or os.environ.get('WAYLAND_DISPLAY')):
+        parser.error('--show needs a display (neither DISPLAY nor WAYLAND_DISPLAY is '
+                     'set); use --show-dir DIR to write the pictures to files')
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
@@ -73,7 +85,7 @@ def parse_args() -> argparse.Namespace:
 
 def trigger_visualization_hook(cfg: Config,
                                args: argparse.Namespace) -> Config:
-    """Switch on SegVisualizationHook's drawing for --show / --show-dir."""
+    """Switch on SegVisualizationHook's drawing and showing for --show."""
     default_hooks = cfg.default_hooks
     if 'visualization' not in default_hooks:
         raise RuntimeError(
@@ -81,11 +93,8 @@ def trigger_visualization_hook(cfg: Config,
             'refer to usage "visualization=dict(type=\'VisualizationHook\')"')
     visualization_hook = default_hooks['visualization']
     visualization_hook['draw'] = True
-    if args.show:
-        visualization_hook['show'] = True
-        visualization_hook['wait_time'] = args.wait_time
-    if args.show_dir:
-        cfg.visualizer['save_dir'] = args.show_dir
+    visualization_hook['show'] = True
+    visualization_hook['wait_time'] = args.wait_time
     return cfg
 
 
@@ -122,8 +131,11 @@ def main() -> None:
 
     cfg.load_from = args.checkpoint
 
-    if args.show or args.show_dir:
+    if args.show:
         cfg = trigger_visualization_hook(cfg, args)
+    if args.show_dir:
+        cfg.custom_hooks = [*(cfg.get('custom_hooks') or []),
+                            dict(type='SideBySideVisualizationHook', out_dir=args.show_dir)]
 
     if args.out is not None:
         cfg.test_evaluator['output_dir'] = args.out
@@ -133,6 +145,8 @@ def main() -> None:
         cfg.model_wrapper_cfg = dict(type='InferenceOnlyWrapper')
 
     with_test_set_checks(cfg)  # also for configs without our default_runtime
+    if not args.no_progress:
+        with_progress(cfg)
     runner = Runner.from_cfg(cfg)
     steady = SteadyThroughputHook()
     runner.register_hook(steady, priority='LOWEST')
@@ -150,6 +164,9 @@ def main() -> None:
             loop = steady.end - steady.start
             print(f'after the first batch: {steady.images} images in {loop:.2f} s '
                   f'({steady.images / loop:.1f} images/s)', flush=True)
+        if args.show_dir:
+            print(f'pictures (image | ground truth | prediction): {args.show_dir}',
+                  flush=True)
 
 
 if __name__ == '__main__':
