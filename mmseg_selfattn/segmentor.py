@@ -1,5 +1,6 @@
 """The registered segmentor: wires encoder, stages, classifier and post-processing."""
-from collections import defaultdict
+import copy
+from collections import OrderedDict, defaultdict
 from contextlib import nullcontext
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -15,13 +16,13 @@ from torch import Tensor
 from .clip_loader import load_clip
 from .config_checks import check_choice, check_int, check_number, init_defaults
 from .cuda_graphs import CUDAGraphCache
-from .encoder import DenseCLIPEncoder
+from .encoder import DenseCLIPEncoder, EncodedCrops
 from .explain import ImageInput, StageMaps, explain
 from .pamr import MAX_DILATION, PAMR
 from .postprocess import (SynonymMax, final_labels, finite_per_image, pixel_predictions,
                           segment)
 from .sliding_window import WindowMerge, pad_to_patch_multiple
-from .stages import build_stage
+from .stages import PIPELINE_STAGES, build_stage
 from .stages.global_debias import cls_logit_bias
 from .startup_log import log_enabled
 from .text_classifier import (ClassNames, TextClassifier, parse_class_names,
@@ -29,6 +30,12 @@ from .text_classifier import (ClassNames, TextClassifier, parse_class_names,
 
 
 VIT_DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+# keys that act after blocks 1..L-1 (last block, stages, classifier, post-processing):
+# ``with_pipeline`` varies them on a shared encoder (tools/sweep.py)
+PIPELINE_KEYS = ('attention', 'gaussian_std', 'logit_scale', 'prob_thd', 'area_thd', 'bg_idx',
+                 'cls_token_lambda', 'pamr_steps', 'pamr_stride', 'pamr_dilations',
+                 *(f'{prefix}{name}{suffix}' for name in PIPELINE_STAGES
+                   for prefix, suffix in (('apply_', ''), ('', '_cfg'))))
 
 
 @MODELS.register_module()
@@ -143,40 +150,29 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         self.max_merge_elements = max_merge_elements
         self.vit_dtype = VIT_DTYPES[check_choice('precision', precision, list(VIT_DTYPES))]
         self._window_merges: Dict[tuple, WindowMerge] = {}
-        self.logit_scale = check_number('logit_scale', logit_scale, 0, low_open=True)
-        self.prob_thd = check_number('prob_thd', prob_thd, 0, 1)
-        self.area_thd = check_number('area_thd', area_thd, 0, 1)
-        self.bg_idx = _check_bg_idx(bg_idx, len(self.class_names), prob_thd or area_thd)
-        self.pamr = self._build_pamr(pamr_steps, pamr_stride, pamr_dilations)
-
         if clip is not None and not isinstance(clip, dict):
             raise ValueError("clip must be a dict, e.g. clip=dict(arch='ViT-B-16', "
                              f"pretrained='openai'), got {clip!r}.")
-        clip_cfg = dict(arch='ViT-B-16', pretrained='openai')
-        clip_cfg.update(clip or {})
-        clip_model = load_clip(**clip_cfg)
+        self._clip_cfg = dict(arch='ViT-B-16', pretrained='openai')
+        self._clip_cfg.update(clip or {})
+        clip_model = load_clip(**self._clip_cfg)
         # half-precision weights rather than autocast: no per-call weight casts, and
         # nn.MultiheadAttention keeps its fused inference path (autocast disables it)
-        self.encoder = DenseCLIPEncoder(clip_model.visual, attention, gaussian_std).to(
-            self.vit_dtype)
-        self.text_classifier = TextClassifier(clip_model, clip_cfg['arch'])
-        self.cls_token_lambda = check_number('cls_token_lambda', cls_token_lambda)
-        self._log_settings(clip_cfg, attention)  # then each enabled stage logs its line
-
-        stage_switches = dict(
-            similarity_enhancement=(apply_similarity_enhancement, similarity_enhancement_cfg),
-            self_attn_enhancement=(apply_self_attn_enhancement, self_attn_enhancement_cfg),
-            outlier_suppression=(apply_outlier_suppression, outlier_suppression_cfg),
-            global_debias=(apply_global_debias, global_debias_cfg),
-            ctd=(apply_ctd, ctd_cfg))
-        self.stage_settings: Dict[str, dict] = {}  # enabled stage -> its settings
-        for name, (enabled, cfg) in stage_switches.items():
-            stage = build_stage(name, enabled, cfg)
-            setattr(self, name, stage)
-            if stage is not None:
-                settings = {key: value for key, value in (cfg or {}).items() if key != 'type'}
-                self.stage_settings[name] = {**init_defaults(type(stage)), **settings}
-        self._check_stage_compatibility(attention)
+        # kept for _set_pipeline's encoder, not registered twice (encoder.visual is the one)
+        self.__dict__['_visual'] = clip_model.visual.to(self.vit_dtype)
+        self.text_classifier = TextClassifier(clip_model, self._clip_cfg['arch'])
+        self._set_pipeline(
+            attention=attention, gaussian_std=gaussian_std, logit_scale=logit_scale,
+            prob_thd=prob_thd, area_thd=area_thd, bg_idx=bg_idx, cls_token_lambda=cls_token_lambda,
+            pamr_steps=pamr_steps, pamr_stride=pamr_stride, pamr_dilations=pamr_dilations,
+            apply_similarity_enhancement=apply_similarity_enhancement,
+            similarity_enhancement_cfg=similarity_enhancement_cfg,
+            apply_self_attn_enhancement=apply_self_attn_enhancement,
+            self_attn_enhancement_cfg=self_attn_enhancement_cfg,
+            apply_outlier_suppression=apply_outlier_suppression,
+            outlier_suppression_cfg=outlier_suppression_cfg,
+            apply_global_debias=apply_global_debias, global_debias_cfg=global_debias_cfg,
+            apply_ctd=apply_ctd, ctd_cfg=ctd_cfg)
         self.timer = None  # optional `timer(stage_name)` context manager (tools/benchmark.py)
         self._recorder = None  # optional `record(**tensors)` callable (explain.py)
         for key, value in (('compile', compile), ('cuda_graph', cuda_graph)):
@@ -188,6 +184,52 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         self.cuda_graph = cuda_graph
         self._graphs = CUDAGraphCache()
 
+    # -- the settings after the encoder ---------------------------------------------------
+    def _set_pipeline(self, attention, gaussian_std, logit_scale, prob_thd, area_thd, bg_idx,
+                      cls_token_lambda, pamr_steps, pamr_stride, pamr_dilations,
+                      **stage_keys) -> None:
+        """Builds everything ``PIPELINE_KEYS`` set: the dense last block, stages 2-6, the
+        classifier's and post-processing's settings, PAMR."""
+        self._pipeline_kwargs = dict(
+            attention=attention, gaussian_std=gaussian_std, logit_scale=logit_scale,
+            prob_thd=prob_thd, area_thd=area_thd, bg_idx=bg_idx,
+            cls_token_lambda=cls_token_lambda, pamr_steps=pamr_steps, pamr_stride=pamr_stride,
+            pamr_dilations=pamr_dilations, **stage_keys)
+        self.encoder = DenseCLIPEncoder(self._visual, attention, gaussian_std)
+        self.logit_scale = check_number('logit_scale', logit_scale, 0, low_open=True)
+        self.prob_thd = check_number('prob_thd', prob_thd, 0, 1)
+        self.area_thd = check_number('area_thd', area_thd, 0, 1)
+        self.bg_idx = _check_bg_idx(bg_idx, len(self.class_names), prob_thd or area_thd)
+        self.pamr = self._build_pamr(pamr_steps, pamr_stride, pamr_dilations)
+        self.cls_token_lambda = check_number('cls_token_lambda', cls_token_lambda)
+        self._log_settings(self._clip_cfg, attention)  # then each enabled stage logs its line
+        self.stage_settings: Dict[str, dict] = {}  # enabled stage -> its settings
+        for name in PIPELINE_STAGES:
+            enabled, cfg = stage_keys[f'apply_{name}'], stage_keys[f'{name}_cfg']
+            stage = build_stage(name, enabled, cfg)
+            setattr(self, name, stage)
+            if stage is not None:
+                settings = {key: value for key, value in (cfg or {}).items() if key != 'type'}
+                self.stage_settings[name] = {**init_defaults(type(stage)), **settings}
+        self._check_stage_compatibility(attention)
+
+    def with_pipeline(self, **overrides) -> 'SelfAttnCLIPSegmentor':
+        """A segmentor that shares this one's CLIP (ViT weights, text embeddings, windows)
+        and differs in ``PIPELINE_KEYS`` only: what comes after blocks 1..L-1, so both
+        can run on the same ``encode_crops`` output (tools/sweep.py). A ``<stage>_cfg``
+        given here replaces this segmentor's whole cfg of that stage."""
+        unknown = sorted(set(overrides) - set(PIPELINE_KEYS))
+        if unknown:
+            raise ValueError(f'with_pipeline: {unknown} change the encoder\'s input or weights '
+                             f'(a separate model); it takes {list(PIPELINE_KEYS)}.')
+        variant = copy.copy(self)
+        # nn.Module keeps its children in dicts: the variant gets its own
+        for table in ('_modules', '_parameters', '_buffers'):
+            setattr(variant, table, OrderedDict(getattr(self, table)))
+        variant._graphs = CUDAGraphCache()
+        variant._set_pipeline(**{**self._pipeline_kwargs, **overrides})
+        return variant
+
     # -- pipeline on a batch of crops ------------------------------------------------------
     def crop_logits(self, crops: Tensor) -> Tensor:
         """Query logits (B, Q, H, W) of crops (B, 3, H, W), bilinear from the patch grid."""
@@ -196,14 +238,28 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
 
     def crop_patch_logits(self, crops: Tensor) -> Tensor:
         """Stages 1-7 on crops (B, 3, H, W) -> query logits on the patch grid (B, Q, h, w)."""
-        similarity, self_attn = self.similarity_enhancement, self.self_attn_enhancement
-        record = self._recorder  # explain(): keeps the stages' own tensors
-        crops = crops.to(self.vit_dtype)
+        return self.stage_patch_logits(self.encode_crops(crops))
+
+    def encode_crops(self, crops: Tensor, capture_attention: bool = False,
+                     mid_layers: Sequence[int] = ()) -> EncodedCrops:
+        """Stage 1: blocks 1..L-1 and what the later stages need from them, for this
+        segmentor's stages, plus the attention / mid layers asked for (tools/sweep.py
+        encodes once for several ``with_pipeline`` variants)."""
         with self._timed('encode'):
             encoded = self.encoder.encode(
-                crops, capture_attention=self._needs_attention or record is not None,
-                mid_layers=self._mid_layers)
+                crops.to(self.vit_dtype),
+                capture_attention=(capture_attention or self._needs_attention
+                                   or self._recorder is not None),
+                mid_layers=(tuple(sorted({*self._mid_layers, *mid_layers})) if mid_layers
+                            else self._mid_layers))
         self._check('encode', encoded.x_cls, encoded.attention)
+        return encoded
+
+    def stage_patch_logits(self, encoded: EncodedCrops) -> Tensor:
+        """Stages 2-7 on encoded crops -> query logits on the patch grid (B, Q, h, w).
+        ``encoded`` is read, not changed."""
+        similarity, self_attn = self.similarity_enhancement, self.self_attn_enhancement
+        record = self._recorder  # explain(): keeps the stages' own tensors
         attention_bias = probs_hook = deficit = None
         if similarity is not None:
             with self._timed('similarity_enhancement'):
@@ -220,7 +276,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         self._check('dense block' + (' with self-attention enhancement' if probs_hook else ''),
                     features)
         # stages 2-6 and the classifier in fp32 (cheap, and DBSCAN's eps is precise)
-        features, encoded.x_cls = features.float(), encoded.x_cls.float()
+        features, x_cls = features.float(), encoded.x_cls.float()
         if self_attn is not None and self_attn.mode == 'feature':  # rescales X
             with self._timed('self_attn_enhancement'):
                 features = self_attn.enhance_features(features, deficit)
@@ -230,20 +286,20 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                 features = self.outlier_suppression(features, encoded.attention, encoded.grid)
             self._check('outlier_suppression', features)
         if record is not None:
-            record(attention=encoded.attention, x_cls=encoded.x_cls, deficit=deficit,
+            record(attention=encoded.attention, x_cls=x_cls, deficit=deficit,
                    features_before_debias=features)
         if self.global_debias is not None:
             with self._timed('global_debias'):
-                features = self.global_debias(features, encoded.x_cls)
+                features = self.global_debias(features, x_cls)
             self._check('global_debias', features)
         if self.ctd is not None:
             with self._timed('ctd'):
-                features = self.ctd(features, encoded.x_cls)
+                features = self.ctd(features, x_cls)
             self._check('ctd', features)
         if record is not None:
             record(features_after_debias=features, **self._stage_diagnostics())
         with self._timed('classify'):
-            logits = self.classify(features, encoded.x_cls)  # (B, N, Q)
+            logits = self.classify(features, x_cls)  # (B, N, Q)
         self._check('classify', logits)
         return logits.transpose(1, 2).unflatten(-1, encoded.grid)
 
@@ -282,7 +338,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                 outputs[index] = logits
         return outputs
 
-    def merged_logits(self, images: Tensor, merge: WindowMerge) -> Tensor:
+    def merged_logits(self, images: Tensor, merge: WindowMerge,
+                      encoded: Optional[Sequence[EncodedCrops]] = None) -> Tensor:
         """Query logits (n, Q, H', W') of equally sized images (n, 3, H, W).
 
         Bilinear upsampling of every crop, overlap averaging and the resize to the output
@@ -290,24 +347,33 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         the patch-grid logits (``WindowMerge``). Pixels reached by a window with
         non-finite logits are NaN; the other windows' pixels are unaffected.
         """
-        patch_logits = self.window_patch_logits(images, merge)
+        patch_logits = self.window_patch_logits(images, merge, encoded)
         return merge(patch_logits).masked_fill(merge.non_finite_pixels(patch_logits)[:, None],
                                                float('nan'))
 
-    def window_patch_logits(self, images: Tensor, merge: WindowMerge) -> Tensor:
+    def window_patch_logits(self, images: Tensor, merge: WindowMerge,
+                            encoded: Optional[Sequence[EncodedCrops]] = None) -> Tensor:
         """Patch-grid query logits (n * windows, Q, h, w) of all windows of equally sized
-        images, image-major, at most ``max_crops_per_forward`` crops per ViT call. Crops
-        are cut chunk by chunk: a huge image never holds all its crops at once."""
+        images, image-major, at most ``max_crops_per_forward`` crops per ViT call; or from
+        ``encoded``, the ``encode_crops`` outputs of ``crop_batches(images, merge)``."""
+        if encoded is None:
+            encoded = (self.encode_crops(crops) for crops in self.crop_batches(images, merge))
+        logits = [self.stage_patch_logits(crops) for crops in encoded]
+        return logits[0] if len(logits) == 1 else torch.cat(logits)
+
+    def crop_batches(self, images: Tensor, merge: WindowMerge):
+        """Yields the windows of equally sized images as batches of padded crops, at most
+        ``max_crops_per_forward`` each, image-major. Crops are cut chunk by chunk: a
+        huge image never holds all its crops at once."""
         chunk = self.max_crops_per_forward
         if merge.num_windows <= chunk:  # whole images per call
             per_call = chunk // merge.num_windows
-            crop_batches = (merge.cut(images[i:i + per_call])
-                            for i in range(0, len(images), per_call))
+            for i in range(0, len(images), per_call):
+                yield merge.cut(images[i:i + per_call])
         else:  # an image with more windows than one call takes: its windows in chunks
-            crop_batches = (merge.cut(image[None], slice(j, j + chunk))
-                            for image in images for j in range(0, merge.num_windows, chunk))
-        logits = [self.crop_patch_logits(crops) for crops in crop_batches]
-        return logits[0] if len(logits) == 1 else torch.cat(logits)
+            for image in images:
+                for j in range(0, merge.num_windows, chunk):
+                    yield merge.cut(image[None], slice(j, j + chunk))
 
     def _image_groups(self, images: Sequence[Tensor],
                       output_sizes: Optional[Sequence[Tuple[int, int]]] = None):
@@ -354,30 +420,45 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                   for image, meta in zip(inputs, metas)]
         original_sizes = [tuple(meta['ori_shape'][:2]) for meta in metas]
         finite = []  # (image indices, (n,) bool), read once after the whole batch
-        if self.pamr is not None:  # refines each image's query logits with its pixels
-            seg_logits = []
-            for image, logits, size in zip(
-                    images, self.batch_slide_inference(images, original_sizes), original_sizes):
-                resized = F.interpolate(image[None], size=size, mode='bilinear')
-                seg_logits.append(self.pamr(resized, logits[None].to(resized.dtype))[0])
-            self.postprocess_result(seg_logits, data_samples)
-            finite.append((list(range(len(images))), torch.cat(
-                [finite_per_image(sample.seg_logits.data[None]) for sample in data_samples])))
-        else:
-            for indices, batch, merge in self._image_groups(images, original_sizes):
-                key = (tuple(batch.shape), batch.dtype, str(batch.device), merge.output_size)
-                if (self.cuda_graph and batch.is_cuda and self.timer is None
-                        and self._recorder is None and self._graphs.accepts(key)):
-                    probs, labels, ok = self._graphs(key, self._segment_images, (batch, ), merge)
-                else:
-                    probs, labels, ok = self._segment_images(batch, merge)
-                for index, image_probs, image_labels in zip(indices, probs, labels):
-                    _set_prediction(data_samples[index], image_probs, image_labels)
-                finite.append((indices, ok))
+        for indices, batch, merge in self._image_groups(images, original_sizes):
+            probs, labels, ok = self.segment_group(batch, merge)
+            for index, image_probs, image_labels in zip(indices, probs, labels):
+                _set_prediction(data_samples[index], image_probs, image_labels)
+            finite.append((indices, ok))
         self._check_finite_outputs(finite, images, metas)
         return data_samples
 
-    def _segment_images(self, images: Tensor, merge: WindowMerge
+    def segment_group(self, images: Tensor, merge: WindowMerge,
+                      encoded: Optional[Sequence[EncodedCrops]] = None
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Class probabilities (n, C, H', W'), labels (n, H', W') and whether each image's
+        probabilities are finite (n,), of equally sized images (n, 3, H, W); from their
+        ``encode_crops`` outputs when ``encoded`` is given (tools/sweep.py)."""
+        if self.pamr is not None:
+            return self._segment_with_pamr(images, merge, encoded)
+        key = (tuple(images.shape), images.dtype, str(images.device), merge.output_size)
+        if (self.cuda_graph and images.is_cuda and encoded is None and self.timer is None
+                and self._recorder is None and self._graphs.accepts(key)):
+            return self._graphs(key, self._segment_images, (images, ), merge)
+        return self._segment_images(images, merge, encoded)
+
+    def _segment_with_pamr(self, images: Tensor, merge: WindowMerge,
+                           encoded: Optional[Sequence[EncodedCrops]] = None
+                           ) -> Tuple[Tensor, Tensor, Tensor]:
+        """PAMR refines each image's merged query logits with its pixels, resized to the
+        output size; then post-processing."""
+        probs, labels = [], []
+        for image, logits in zip(images, self.merged_logits(images, merge, encoded)):
+            resized = F.interpolate(image[None], size=merge.output_size, mode='bilinear')
+            image_probs, image_labels = self.segment_logits(
+                self.pamr(resized, logits[None].to(resized.dtype)))
+            probs.append(image_probs)
+            labels.append(image_labels)
+        probs = torch.cat(probs)
+        return probs, torch.cat(labels), finite_per_image(probs)
+
+    def _segment_images(self, images: Tensor, merge: WindowMerge,
+                        encoded: Optional[Sequence[EncodedCrops]] = None
                         ) -> Tuple[Tensor, Tensor, Tensor]:
         """Class probabilities (n, C, H', W'), labels (n, H', W') and whether each image's
         probabilities are finite (n,) of equally sized images: the unit that
@@ -386,7 +467,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         Outputs bigger than ``max_merge_elements`` query logits are merged and
         post-processed in bands of rows into the returned tensors, so memory grows with
         what is returned, not with the number of queries."""
-        patch_logits = self.window_patch_logits(images, merge)
+        patch_logits = self.window_patch_logits(images, merge, encoded)
         queries, (height, width) = patch_logits.shape[1], merge.output_size
         bands = self._row_bands(len(images) * queries * width, height, images.device)
         if len(bands) == 1:

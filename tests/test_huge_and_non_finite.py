@@ -63,7 +63,7 @@ def test_non_finite_window_does_not_spread():
     broken = clean.clone()
     broken[0, 1, 2, 3] = float('nan')  # one logit of the first window
     merged = model.merged_logits
-    model.window_patch_logits = lambda images, merge: broken
+    model.window_patch_logits = lambda images, merge, encoded=None: broken
     try:
         out = merged(image, merge)[0]
     finally:
