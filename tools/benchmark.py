@@ -218,9 +218,11 @@ def measure(args, precision: str) -> dict:
         for batch_size in args.batch_sizes}
     best = max(report['throughput_images_per_s'].values())
     crop = min(cfg.model.slide_crop or 10**9, *images[0].shape[-2:])
-    floor_ms = (report['crops_per_image'] * vit_gmacs_per_crop(model, (crop, crop)) * 1e9 /
-                (PEAK_TFLOPS * 1e12) * 1e3)
-    report.update(floor_ms_per_image=floor_ms, fraction_of_floor=floor_ms / (1000 / best))
+    vit_gflop_per_image = report['crops_per_image'] * 2 * vit_gmacs_per_crop(
+        model, (crop, crop))  # 2 FLOP (multiply + add) per MAC
+    floor_ms = vit_gflop_per_image * 1e9 / (PEAK_TFLOPS * 1e12) * 1e3
+    report.update(vit_gflop_per_image=vit_gflop_per_image, floor_ms_per_image=floor_ms,
+                  fraction_of_floor=floor_ms / (1000 / best))
     report['ms_per_image_by_stage'] = stage_breakdown(model, few, args)
     if not args.no_stages:
         bare, _ = build_model(args, precision, stages_on=False)
@@ -293,8 +295,9 @@ def print_report(report: dict) -> None:
         print(f"\n## {run['precision']}")
         print(f"latency {run['latency_ms']:.2f} ms/image; throughput " + ', '.join(
             f'batch {b}: {v:.1f} images/s' for b, v in run['throughput_images_per_s'].items()))
-        print(f"arithmetic floor {run['floor_ms_per_image']:.3f} ms/image; best throughput "
-              f"reaches {100 * run['fraction_of_floor']:.1f}% of it")
+        print(f"arithmetic floor {run['floor_ms_per_image']:.3f} ms/image "
+              f"({run['vit_gflop_per_image']:.0f} GFLOP of ViT at {PEAK_TFLOPS} TFLOP/s); "
+              f"best throughput reaches {100 * run['fraction_of_floor']:.1f}% of it")
         if 'reference_ms' in run:
             print(f"reference loop {run['reference_ms']:.2f} ms/image -> speed-up "
                   f"{run['speedup_latency']:.1f}x (latency), {run['speedup_throughput']:.1f}x "
