@@ -13,6 +13,7 @@ from .inference_wrapper import InferenceOnlyWrapper  # noqa: E402
 from .metrics import CheckedIoUMetric  # noqa: E402
 from .progress import ProgressBarHook  # noqa: E402
 from .segmentor import SelfAttnCLIPSegmentor  # noqa: E402
+from .sweep import SweepLoop  # noqa: E402
 from .text_classifier import TextClassifier  # noqa: E402
 from .transforms import (AtLeastOnePixelResize, LoadCheckedAnnotations,  # noqa: E402
                          LoadCheckedImageFromFile)
@@ -24,4 +25,4 @@ __all__ = ['load_clip', 'CamVidDataset', 'COCOObjectDataset', 'PascalContext59Da
            'SelfAttnCLIPSegmentor', 'SizeAgnosticSegDataPreProcessor', 'TextClassifier',
            'InferenceOnlyWrapper', 'TestSetCheckHook', 'CheckedIoUMetric',
            'LoadCheckedImageFromFile', 'AtLeastOnePixelResize', 'LoadCheckedAnnotations',
-           'ProgressBarHook', 'SideBySideVisualizationHook']
+           'ProgressBarHook', 'SideBySideVisualizationHook', 'SweepLoop']

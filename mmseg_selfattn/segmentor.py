@@ -413,20 +413,37 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         """Segment a batch; samples get ``seg_logits`` (class probabilities at the original
         size) and ``pred_sem_seg``. Raises, naming the image, if its probabilities are not
         finite (non-finite input pixels, or the first stage that produced NaN / inf)."""
-        metas = _image_metas(inputs, data_samples)
-        data_samples = data_samples or [SegDataSample() for _ in metas]
-        # drop the batch padding: every image at its own (resized) size
-        images = [image[:, :meta['img_shape'][0], :meta['img_shape'][1]]
-                  for image, meta in zip(inputs, metas)]
-        original_sizes = [tuple(meta['ori_shape'][:2]) for meta in metas]
+        data_samples, images, metas = self.unpad_batch(inputs, data_samples)
         finite = []  # (image indices, (n,) bool), read once after the whole batch
-        for indices, batch, merge in self._image_groups(images, original_sizes):
-            probs, labels, ok = self.segment_group(batch, merge)
-            for index, image_probs, image_labels in zip(indices, probs, labels):
-                _set_prediction(data_samples[index], image_probs, image_labels)
-            finite.append((indices, ok))
+        for indices, batch, merge in self.image_groups(images, metas):
+            self.store_predictions(data_samples, indices, self.segment_group(batch, merge),
+                                   finite)
         self._check_finite_outputs(finite, images, metas)
         return data_samples
+
+    def unpad_batch(self, inputs: Tensor, data_samples: Optional[List[SegDataSample]]
+                    ) -> Tuple[List[SegDataSample], List[Tensor], List[dict]]:
+        """Samples (new ones if None), every image at its own (resized) size without the
+        batch padding, and the images' metas."""
+        metas = _image_metas(inputs, data_samples)
+        data_samples = data_samples or [SegDataSample() for _ in metas]
+        images = [image[:, :meta['img_shape'][0], :meta['img_shape'][1]]
+                  for image, meta in zip(inputs, metas)]
+        return data_samples, images, metas
+
+    def image_groups(self, images: List[Tensor], metas: List[dict]):
+        """``_image_groups`` of a batch, output at the original sizes."""
+        return self._image_groups(images, [tuple(meta['ori_shape'][:2]) for meta in metas])
+
+    @staticmethod
+    def store_predictions(data_samples: List[SegDataSample], indices: List[int],
+                          group_outputs: Tuple[Tensor, Tensor, Tensor], finite: list) -> None:
+        """``segment_group``'s probabilities and labels into the group's samples; its
+        finite flags onto ``finite`` (checked once per batch)."""
+        probs, labels, ok = group_outputs
+        for index, image_probs, image_labels in zip(indices, probs, labels):
+            _set_prediction(data_samples[index], image_probs, image_labels)
+        finite.append((indices, ok))
 
     def segment_group(self, images: Tensor, merge: WindowMerge,
                       encoded: Optional[Sequence[EncodedCrops]] = None

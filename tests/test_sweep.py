@@ -1,0 +1,175 @@
+"""tools/sweep.py: one pass, every point equal to its own tools/test.py run; refused keys;
+resuming after an interruption."""
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.runner import Runner
+from mmseg.registry import METRICS
+
+from mmseg_selfattn import sweep as sweep_module
+from mmseg_selfattn.metrics import CheckedIoUMetric
+from mmseg_selfattn.sweep import check_grid, grid_points, parse_grid, pipeline_overrides
+
+from conftest import REPO_ROOT, TINY_ARCH, camvid_root
+
+CONFIG = REPO_ROOT / 'configs/selfattn/selfattn-full_vit-b16_camvid.py'
+# 3 small CamVid photos (short side 96), 6 windows of 8 x 8 patches each
+SMALL = [f'model.clip.arch={TINY_ARCH}', 'model.clip.pretrained=None',
+         'model.similarity_enhancement_cfg.layer=-2', 'model.slide_crop=64',
+         'model.slide_stride=32', 'test_dataloader.dataset.pipeline.1.scale=(2048,96)',
+         f'test_dataloader.dataset.data_root={camvid_root()}',
+         'test_dataloader.dataset.indices=3', 'test_dataloader.num_workers=0',
+         'test_dataloader.persistent_workers=False',
+         'test_evaluator.type=AccumulatorRecordingIoUMetric']
+GRID = ['attention=naclip,sclip', 'outlier_suppression_cfg.top_k=0,20',
+        'global_debias_cfg.factor=0.5']
+
+
+@METRICS.register_module()
+class AccumulatorRecordingIoUMetric(CheckedIoUMetric):
+    """Keeps the per-image accumulators (intersection, union, prediction and label areas)
+    of every evaluation, in order."""
+    runs = []
+
+    def compute_metrics(self, results):
+        AccumulatorRecordingIoUMetric.runs.append([tuple(t.clone() for t in r) for r in results])
+        return super().compute_metrics(results)
+
+
+class Interrupted(Exception):
+    """Stands for a kill in the middle of the sweep."""
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / 'tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep_tool = load_tool('sweep')
+
+
+def run_sweep(work_dir, *extra):
+    AccumulatorRecordingIoUMetric.runs.clear()
+    sweep_tool.main([str(CONFIG), '--grid', *GRID, '--work-dir', str(work_dir),
+                     '--no-progress', '--cfg-options', *SMALL, *extra])
+    return json.loads((work_dir / 'sweep.json').read_text())
+
+
+def independent_run(point, work_dir):
+    """What tools/test.py does with --cfg-options of the point."""
+    cfg = Config.fromfile(str(CONFIG))
+    options = {}
+    for option in SMALL + [f'model.{key}={value}' for key, value in point.items()]:
+        key, _, value = option.partition('=')
+        options[key] = sweep_tool.DictAction._parse_iterable(value)
+    cfg.merge_from_dict(options)
+    cfg.work_dir = str(work_dir)
+    AccumulatorRecordingIoUMetric.runs.clear()
+    metrics = Runner.from_cfg(cfg).test()
+    return metrics, AccumulatorRecordingIoUMetric.runs[0]
+
+
+@pytest.fixture(scope='module')
+def swept(tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp('sweep')
+    results = run_sweep(work_dir)
+    return work_dir, results, list(AccumulatorRecordingIoUMetric.runs)
+
+
+def test_every_point_equals_an_independent_run(swept, tmp_path):
+    _, results, accumulators = swept
+    assert [r['point'] for r in results] == [
+        dict(attention=a, **{'outlier_suppression_cfg.top_k': k,
+                             'global_debias_cfg.factor': 0.5})
+        for a in ('naclip', 'sclip') for k in (0, 20)]
+    assert len({json.dumps(r['metrics']) for r in results}) > 1  # the points differ
+    for index, result in enumerate(results):
+        metrics, own = independent_run(result['point'], tmp_path / str(index))
+        assert result['metrics'] == pytest.approx(metrics, abs=0, rel=0)
+        assert len(own) == len(accumulators[index]) == 3
+        for image_sweep, image_own in zip(accumulators[index], own):
+            assert all(torch.equal(a, b) for a, b in zip(image_sweep, image_own))
+
+
+def test_tables_are_sorted_and_give_the_reproducing_options(swept):
+    work_dir, results, _ = swept
+    table = (work_dir / 'sweep.md').read_text()
+    best = max(range(len(results)), key=lambda i: results[i]['metrics']['mIoU'])
+    assert f'best: point {best}' in table
+    assert sweep_module.cfg_options(results[best]['point']) in table
+    rows = (work_dir / 'sweep.csv').read_text().splitlines()[1:]
+    mious = [float(row.split(',')[5]) for row in rows]
+    assert mious == sorted(mious, reverse=True) and len(rows) == 4
+
+
+def test_an_interrupted_sweep_resumes(swept, tmp_path, monkeypatch):
+    _, clean, _ = swept
+    calls, interrupt = [], [True]
+    original = sweep_module.predict_variants
+
+    def interrupted_after_two_batches(*args):
+        calls.append(1)
+        if len(calls) == 3 and interrupt and interrupt.pop():
+            raise Interrupted
+        return original(*args)
+
+    monkeypatch.setattr(sweep_module, 'predict_variants', interrupted_after_two_batches)
+    with pytest.raises(Interrupted):
+        run_sweep(tmp_path, '--save-every', '1')
+    assert (tmp_path / 'sweep_state.pth.rank0').is_file()
+    calls.clear()
+    resumed = run_sweep(tmp_path, '--save-every', '1')
+    assert len(calls) == 1  # only the third batch ran again
+    assert resumed == clean
+    calls.clear()
+    assert run_sweep(tmp_path) == clean and not calls  # finished: nothing runs again
+    assert run_sweep(tmp_path, '--rerun') == clean and len(calls) == 3
+
+
+@pytest.mark.parametrize('key, message', [
+    ('slide_crop', 'sliding window'),
+    ('model.clip.pretrained', 'CLIP architecture and weights'),
+    ('precision', "ViT's dtype"),
+    ('class_names', 'class list'),
+    ('test_dataloader.dataset.pipeline', 'not a model key'),
+    ('max_crops_per_forward', 'speed setting'),
+    ('bogus', 'a grid varies'),
+    ('attention.sub', 'a grid varies'),
+    ('ctd_cfg.eps.deeper', 'a grid varies'),
+])
+def test_refused_keys_say_why(key, message):
+    with pytest.raises(ValueError, match=message):
+        check_grid({key: [1, 2]})
+
+
+def test_grid_parsing_and_points():
+    grid = check_grid(parse_grid(['model.ctd_cfg.eps=0.1,0.2', 'attention=naclip',
+                                  'pamr_stride=(8,16),(4,8)']))
+    assert grid == {'ctd_cfg.eps': [0.1, 0.2], 'attention': ['naclip'],
+                    'pamr_stride': [(8, 16), (4, 8)]}
+    points = grid_points(grid)
+    assert len(points) == 4 and points[1] == {'ctd_cfg.eps': 0.1, 'attention': 'naclip',
+                                              'pamr_stride': (4, 8)}
+    overrides = pipeline_overrides({'ctd_cfg': dict(eps=0.3, min_samples=2)}, points[0])
+    assert overrides['ctd_cfg'] == dict(eps=0.1, min_samples=2)
+    with pytest.raises(ValueError, match='expected KEY=V1,V2'):
+        parse_grid(['ctd_cfg.eps'])
+    with pytest.raises(ValueError, match='the grid is empty'):
+        check_grid({})
+
+
+def test_bad_stage_values_fail_before_the_first_image(tmp_path):
+    with pytest.raises(ValueError, match=r'ctd_cfg: unknown key\(s\) \[.bogus.\]'):
+        sweep_tool.main([str(CONFIG), '--grid', 'ctd_cfg.bogus=1', '--work-dir', str(tmp_path),
+                         '--no-progress', '--cfg-options', *SMALL])
+    with pytest.raises(ValueError, match='enhancement_strength'):
+        sweep_tool.main([str(CONFIG), '--grid',
+                         'self_attn_enhancement_cfg.enhancement_strength=-1',
+                         '--work-dir', str(tmp_path), '--no-progress', '--cfg-options', *SMALL])

@@ -1,0 +1,161 @@
+"""Evaluate a grid of stage settings in one pass over the test set.
+
+    python tools/sweep.py CONFIG --grid KEY=V1,V2,... [KEY=...] [--grid-file GRID.py]
+        [--work-dir DIR] [--cfg-options ...] [--data-root R] [--rerun] [--launcher pytorch]
+
+    python tools/sweep.py configs/selfattn/selfattn-full_vit-b16_camvid.py --grid \\
+        self_attn_enhancement_cfg.enhancement_strength=0.05,0.1,0.2,0.3 \\
+        self_attn_enhancement_cfg.min_self_attn_threshold=0.10,0.15,0.20,0.25
+
+Every batch is encoded once (blocks 1..L-1); each grid point then runs its own last
+block, stages 2-6, classifier and post-processing into its own IoU metric, so its
+numbers equal a ``tools/test.py`` run with ``--cfg-options`` of that point. Grid keys
+are model keys: any ``<stage>_cfg.<key>``, the ``apply_<stage>`` switches,
+``cls_token_lambda``, ``logit_scale``, ``prob_thd``, ``area_thd``, ``bg_idx``,
+``attention``, ``gaussian_std`` and PAMR's ``pamr_steps`` / ``pamr_stride``. Keys that
+change the encoder's input or weights (window, short side, arch, weights, precision)
+are refused. ``--grid-file`` is a Python file defining ``grid = {KEY: [values]}``; a
+config may define ``sweep_grid`` the same way.
+
+Writes ``<work-dir>/sweep.md`` and ``sweep.csv`` (mIoU, mAcc, aAcc per point, best
+first, with the ``--cfg-options`` that reproduce each) and ``sweep.json``. Progress is
+saved every ``--save-every`` batches: a killed sweep, run again with the same
+arguments, resumes there (``--rerun`` starts over). Multi-GPU:
+``torchrun --nproc_per_node=N tools/sweep.py CONFIG --grid ... --launcher pytorch``.
+"""
+import argparse
+import csv
+import json
+import os
+import os.path as osp
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import mmseg_selfattn  # noqa: E402,F401  (mmcv.ops stand-in, registers modules)
+
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+from mmseg_selfattn.benchmarks import set_data_dir  # noqa: E402
+from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
+from mmseg_selfattn.progress import with_progress  # noqa: E402
+from mmseg_selfattn.sweep import (cfg_options, check_grid, fingerprint_of,  # noqa: E402
+                                  format_value, grid_points, parse_grid)
+
+METRICS = ('mIoU', 'mAcc', 'aAcc')
+LOADER_ONLY_KEYS = ('num_workers', 'persistent_workers', 'pin_memory')
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('config')
+    parser.add_argument('--grid', nargs='+', default=[], metavar='KEY=V1,V2',
+                        help='an axis of the grid, e.g. ctd_cfg.eps=0.1,0.2,0.3')
+    parser.add_argument('--grid-file', help="a Python file defining grid = {KEY: [values]}")
+    parser.add_argument('--work-dir', help='default: work_dirs/sweep/<config stem>')
+    parser.add_argument('--data-root', help='folder holding the data/ tree of the config')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='applied to the config before the grid, e.g. '
+                        'model.clip.pretrained=/path/to/ViT-B-16.pt')
+    parser.add_argument('--save-every', type=int, default=20,
+                        help='save the progress every N batches (resume point)')
+    parser.add_argument('--rerun', action='store_true', help='ignore a saved progress')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.save_every < 1:
+        parser.error('--save-every must be >= 1')
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def read_grid(args: argparse.Namespace, cfg: Config) -> Dict[str, list]:
+    grid = dict(cfg.get('sweep_grid') or {})
+    if args.grid_file:
+        grid.update(Config.fromfile(args.grid_file).get('grid') or {})
+    grid.update(parse_grid(args.grid))
+    return check_grid(grid)
+
+
+def sweep_config(args: argparse.Namespace) -> Config:
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    set_data_dir(cfg, args.data_root and str(Path(args.data_root).resolve()))
+    cfg.launcher = args.launcher
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
+        'work_dirs', 'sweep', Path(args.config).stem)
+    if args.launcher != 'none' and cfg.get('model_wrapper_cfg') is None:
+        cfg.model_wrapper_cfg = dict(type='InferenceOnlyWrapper')
+    return cfg
+
+
+def fingerprint(cfg: Config, points: list, world_size: int) -> str:
+    """Config (less loader processes and work dir), grid and world size."""
+    cfg = Config(cfg.to_dict())
+    cfg.pop('work_dir', None)
+    for key in LOADER_ONLY_KEYS:
+        cfg.test_dataloader.pop(key, None)
+    return fingerprint_of(cfg.pretty_text + repr(points) + str(world_size))
+
+
+def write_tables(grid: Dict[str, list], points: list, metrics: list, work_dir: Path,
+                 title: str) -> str:
+    order = sorted(range(len(points)), key=lambda i: -metrics[i].get('mIoU', float('-inf')))
+    header = ['rank', 'point', *grid, *METRICS]
+    rows = [[str(rank), str(index)] + [format_value(points[index][key]) for key in grid]
+            + [f"{metrics[index].get(key, float('nan')):.2f}" for key in METRICS]
+            for rank, index in enumerate(order, 1)]
+    with open(work_dir / 'sweep.csv', 'w', newline='') as file:
+        csv.writer(file).writerows([header + ['cfg_options']] + [
+            row + [cfg_options(points[int(row[1])])] for row in rows])
+    best = order[0]
+    lines = [f'# {title}', '', '| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
+    lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
+    lines += ['', f"best: point {best}, mIoU {metrics[best].get('mIoU', float('nan')):.2f}; "
+              'reproduce with', '', '```bash',
+              f'python tools/test.py CONFIG --cfg-options {cfg_options(points[best])}', '```']
+    text = '\n'.join(lines) + '\n'
+    (work_dir / 'sweep.md').write_text(text)
+    (work_dir / 'sweep.json').write_text(json.dumps(
+        [dict(point=points[i], metrics=metrics[i]) for i in range(len(points))], indent=2))
+    return text
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    cfg = sweep_config(args)
+    grid = read_grid(args, cfg)
+    points = grid_points(grid)
+    work_dir = Path(cfg.work_dir)
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    state_file = work_dir / 'sweep_state.pth'
+    if args.rerun:
+        for stale in work_dir.glob('sweep_state.pth.rank*'):
+            stale.unlink()
+    cfg.test_cfg = dict(type='SweepLoop', points=points, state_file=str(state_file),
+                        fingerprint=fingerprint(cfg, points, world_size),
+                        save_every=args.save_every)
+    with_test_set_checks(cfg)
+    if not args.no_progress:
+        with_progress(cfg)
+    start = time.perf_counter()
+    runner = Runner.from_cfg(cfg)
+    metrics = [{key: float(value) for key, value in point.items()} for point in runner.test()]
+    seconds = time.perf_counter() - start
+    if runner.rank == 0:
+        weights = cfg.model.get('clip', {}).get('pretrained')
+        title = (f'sweep of {args.config}: {len(points)} points, '
+                 f'{len(runner.test_dataloader.dataset)} images, {seconds:.1f} s'
+                 + ('; RANDOM weights: the numbers only show that each point runs'
+                    if weights in (None, 'none', 'None') else f'; weights {weights}'))
+        print(write_tables(grid, points, metrics, work_dir, title), flush=True)
+
+
+if __name__ == '__main__':
+    main()
