@@ -32,6 +32,9 @@ class EncodedCrops:
     x_cls: torch.Tensor  # (B, D) projected CLS output of the standard forward
     attention: Optional[torch.Tensor] = None  # (B, T, T) standard softmax(q k^T), head mean
     mid_features: Dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (B, N, C)
+    # dense-block outputs X by the settings that decide them: segmentor variants with
+    # equal dense settings share one (tools/sweep.py)
+    dense_memo: Dict[tuple, torch.Tensor] = field(default_factory=dict)
 
 
 def patch_embed_as_matmul(conv: nn.Conv2d, crops: torch.Tensor,

@@ -1,5 +1,6 @@
 """The registered segmentor: wires encoder, stages, classifier and post-processing."""
 import copy
+import itertools
 from collections import OrderedDict, defaultdict
 from contextlib import nullcontext
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -29,6 +30,7 @@ from .text_classifier import (ClassNames, TextClassifier, parse_class_names,
                               query_to_class_index, read_class_file)
 
 
+_PIPELINE_SERIALS = itertools.count()
 VIT_DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 # keys that act after blocks 1..L-1 (last block, stages, classifier, post-processing):
 # ``with_pipeline`` varies them on a shared encoder (tools/sweep.py)
@@ -190,6 +192,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                       **stage_keys) -> None:
         """Builds everything ``PIPELINE_KEYS`` set: the dense last block, stages 2-6, the
         classifier's and post-processing's settings, PAMR."""
+        self._pipeline_serial = next(_PIPELINE_SERIALS)  # identifies these settings' graphs
         self._pipeline_kwargs = dict(
             attention=attention, gaussian_std=gaussian_std, logit_scale=logit_scale,
             prob_thd=prob_thd, area_thd=area_thd, bg_idx=bg_idx,
@@ -212,6 +215,12 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                 settings = {key: value for key, value in (cfg or {}).items() if key != 'type'}
                 self.stage_settings[name] = {**init_defaults(type(stage)), **settings}
         self._check_stage_compatibility(attention)
+        attention_mode = (self.self_attn_enhancement is not None
+                          and self.self_attn_enhancement.mode == 'attention')
+        # what decides the dense block's output (its memo key in EncodedCrops)
+        self._dense_key = (attention, self.encoder.gaussian_std,
+                           repr(self.similarity_enhancement),
+                           repr(self.self_attn_enhancement) if attention_mode else None)
 
     def with_pipeline(self, **overrides) -> 'SelfAttnCLIPSegmentor':
         """A segmentor that shares this one's CLIP (ViT weights, text embeddings, windows)
@@ -226,7 +235,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         # nn.Module keeps its children in dicts: the variant gets its own
         for table in ('_modules', '_parameters', '_buffers'):
             setattr(variant, table, OrderedDict(getattr(self, table)))
-        variant._graphs = CUDAGraphCache()
+        # the graph cache (and its memory pool) is shared; keys carry the variant's serial
         variant._set_pipeline(**{**self._pipeline_kwargs, **overrides})
         return variant
 
@@ -257,24 +266,11 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
 
     def stage_patch_logits(self, encoded: EncodedCrops) -> Tensor:
         """Stages 2-7 on encoded crops -> query logits on the patch grid (B, Q, h, w).
-        ``encoded`` is read, not changed."""
-        similarity, self_attn = self.similarity_enhancement, self.self_attn_enhancement
+        ``encoded`` is read, not changed (its dense memo aside)."""
+        self_attn = self.self_attn_enhancement
         record = self._recorder  # explain(): keeps the stages' own tensors
-        attention_bias = probs_hook = deficit = None
-        if similarity is not None:
-            with self._timed('similarity_enhancement'):
-                attention_bias = similarity.attention_bias(
-                    [encoded.mid_features[index] for index in self._mid_layers])
-            self._check('similarity_enhancement', attention_bias)
-        if self_attn is not None:
-            deficit = self_attn.deficit(encoded.attention)
-        if self_attn is not None and self_attn.mode == 'attention':  # edits P in the block
-            with self._timed('self_attn_enhancement'):
-                probs_hook = self_attn.probs_hook(deficit)
-        with self._timed('dense_block'):
-            features = self.encoder.dense_features(encoded, attention_bias, probs_hook)
-        self._check('dense block' + (' with self-attention enhancement' if probs_hook else ''),
-                    features)
+        deficit = None if self_attn is None else self_attn.deficit(encoded.attention)
+        features = self._dense_block(encoded, deficit)
         # stages 2-6 and the classifier in fp32 (cheap, and DBSCAN's eps is precise)
         features, x_cls = features.float(), encoded.x_cls.float()
         if self_attn is not None and self_attn.mode == 'feature':  # rescales X
@@ -302,6 +298,28 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             logits = self.classify(features, x_cls)  # (B, N, Q)
         self._check('classify', logits)
         return logits.transpose(1, 2).unflatten(-1, encoded.grid)
+
+    def _dense_block(self, encoded: EncodedCrops, deficit: Optional[Tensor]) -> Tensor:
+        """X of the dense last block with stage 2's attention bias and, in 'attention'
+        mode, stage 3's edit of P; memoised in ``encoded`` by ``_dense_key``."""
+        if self._dense_key in encoded.dense_memo:
+            return encoded.dense_memo[self._dense_key]
+        similarity, self_attn = self.similarity_enhancement, self.self_attn_enhancement
+        attention_bias = probs_hook = None
+        if similarity is not None:
+            with self._timed('similarity_enhancement'):
+                attention_bias = similarity.attention_bias(
+                    [encoded.mid_features[index] for index in self._mid_layers])
+            self._check('similarity_enhancement', attention_bias)
+        if self_attn is not None and self_attn.mode == 'attention':  # edits P in the block
+            with self._timed('self_attn_enhancement'):
+                probs_hook = self_attn.probs_hook(deficit)
+        with self._timed('dense_block'):
+            features = self.encoder.dense_features(encoded, attention_bias, probs_hook)
+        self._check('dense block' + (' with self-attention enhancement' if probs_hook else ''),
+                    features)
+        encoded.dense_memo[self._dense_key] = features
+        return features
 
     def _stage_diagnostics(self) -> Dict[str, Optional[Tensor]]:
         """What stages 4 and 6 kept of their latest call (for ``explain``)."""
@@ -453,11 +471,27 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         ``encode_crops`` outputs when ``encoded`` is given (tools/sweep.py)."""
         if self.pamr is not None:
             return self._segment_with_pamr(images, merge, encoded)
-        key = (tuple(images.shape), images.dtype, str(images.device), merge.output_size)
-        if (self.cuda_graph and images.is_cuda and encoded is None and self.timer is None
-                and self._recorder is None and self._graphs.accepts(key)):
-            return self._graphs(key, self._segment_images, (images, ), merge)
-        return self._segment_images(images, merge, encoded)
+        key = (self._pipeline_serial, tuple(images.shape), images.dtype, str(images.device),
+               merge.output_size)
+        if not (self.cuda_graph and images.is_cuda and self.timer is None
+                and self._recorder is None):
+            return self._segment_images(images, merge, encoded)
+        if encoded is None:
+            if self._graphs.accepts(key):
+                return self._graphs(key, self._segment_images, (images, ), merge)
+            return self._segment_images(images, merge)
+        # the dense block runs before the graph, memoised: variants with equal dense
+        # settings share it, and the graph's inputs are only what the stages read
+        self_attn = self.self_attn_enhancement
+        for crops in encoded:
+            self._dense_block(crops, None if self_attn is None else
+                              self_attn.deficit(crops.attention))
+        tensors, rebuild = _flatten_encoded(encoded, self._dense_key)
+        key += tuple(tuple(tensor.shape) for tensor in tensors)
+        if not self._graphs.accepts(key):
+            return self._segment_images(images, merge, encoded)
+        return self._graphs(key, lambda batch, *flat: self._segment_images(
+            batch, merge, rebuild(flat)), (images, *tensors))
 
     def _segment_with_pamr(self, images: Tensor, merge: WindowMerge,
                            encoded: Optional[Sequence[EncodedCrops]] = None
@@ -699,6 +733,29 @@ def _check_bg_idx(bg_idx, num_classes: int, needed: bool) -> Optional[int]:
         raise ValueError(f'bg_idx must be a class index in [0, {num_classes - 1}] (it receives '
                          f'the pixels dropped by prob_thd / area_thd), got {bg_idx!r}.')
     return bg_idx
+
+
+def _flatten_encoded(encoded: Sequence[EncodedCrops], dense_key: tuple):
+    """What stages 3-7 read of ``encode_crops`` outputs whose dense block is memoised
+    under ``dense_key`` (x_cls, attention, X) as a flat list of tensors, and a function
+    that rebuilds such outputs from tensors of the same shapes (CUDA-graph inputs)."""
+    layouts, tensors = [], []
+    for crops in encoded:
+        has_attention = crops.attention is not None
+        layouts.append((crops.grid, has_attention))
+        tensors += [crops.x_cls, *([crops.attention] if has_attention else []),
+                    crops.dense_memo[dense_key]]
+
+    def rebuild(flat: Sequence[Tensor]) -> List[EncodedCrops]:
+        flat, rebuilt = list(flat), []
+        for grid, has_attention in layouts:
+            x_cls, attention = flat.pop(0), flat.pop(0) if has_attention else None
+            rebuilt.append(EncodedCrops(grid=grid, block_input=None, q=None, k=None, v=None,
+                                        x_cls=x_cls, attention=attention,
+                                        dense_memo={dense_key: flat.pop(0)}))
+        return rebuilt
+
+    return tensors, rebuild
 
 
 class _NonFiniteStage(Exception):

@@ -115,7 +115,8 @@ def cfg_options(point: Dict[str, Any]) -> str:
 def predict_variants(variants: Sequence[SelfAttnCLIPSegmentor], inputs: torch.Tensor,
                      data_samples: list) -> Iterator[list]:
     """``variant.predict(inputs, data_samples)`` for every variant in turn (the samples
-    are reused: read each before the next), encoding the batch once."""
+    are reused: read each before the next), encoding the batch once. Non-finite
+    outputs raise as in ``predict``, once every variant has run on the batch."""
     first = variants[0]  # all share the encoder's weights
     capture = any(variant._needs_attention for variant in variants)
     mid_layers = sorted({layer for variant in variants for layer in variant._mid_layers})
@@ -124,13 +125,16 @@ def predict_variants(variants: Sequence[SelfAttnCLIPSegmentor], inputs: torch.Te
                [first.encode_crops(crops, capture, mid_layers)
                 for crops in first.crop_batches(batch, merge)])
               for indices, batch, merge in first.image_groups(images, metas)]
+    finite_flags = []  # checked after the last variant: one host sync per batch
     for variant in variants:
         finite = []
         for indices, batch, merge, encoded in groups:
             variant.store_predictions(data_samples, indices,
                                       variant.segment_group(batch, merge, encoded), finite)
-        variant._check_finite_outputs(finite, images, metas)
+        finite_flags.append(finite)
         yield data_samples
+    for variant, finite in zip(variants, finite_flags):
+        variant._check_finite_outputs(finite, images, metas)
 
 
 @LOOPS.register_module()
@@ -152,8 +156,11 @@ class SweepLoop(TestLoop):
         self.points = [dict(point) for point in points]
         self.evaluators = [runner.build_evaluator(copy.deepcopy(evaluator_cfg))
                            for _ in self.points]
-        for point_evaluator in self.evaluators:
+        for index, point_evaluator in enumerate(self.evaluators):
             point_evaluator.dataset_meta = self.dataloader.dataset.metainfo
+            for metric in point_evaluator.metrics[int(index == 0):]:
+                if hasattr(metric, 'check_labels'):  # the first point's metric checks them
+                    metric.check_labels = False
         self.state_file = (f'{state_file}.rank{runner.rank}' if state_file else None)
         self.fingerprint, self.save_every = fingerprint, save_every
 
@@ -169,6 +176,9 @@ class SweepLoop(TestLoop):
             idx = done + offset
             self.runner.call_hook('before_test_iter', batch_idx=idx, data_batch=data_batch)
             data = model.data_preprocessor(data_batch, False)
+            for sample in data['data_samples']:  # on the device once, not once per point
+                if 'gt_sem_seg' in sample:
+                    sample.gt_sem_seg.data = sample.gt_sem_seg.data.to(data['inputs'].device)
             for index, samples in enumerate(predict_variants(variants, data['inputs'],
                                                              data['data_samples'])):
                 for point in variant_of[index]:

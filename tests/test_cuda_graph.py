@@ -71,3 +71,29 @@ def test_banded_merge_and_non_finite_check_inside_the_graph():
     image[0, 0, 3, 4] = float('nan')
     with pytest.raises(ValueError, match='1 input values are NaN or inf'):
         graphed.predict(image)
+
+
+@needs_cuda
+def test_sweep_variants_replay_their_own_graphs():
+    from mmseg_selfattn.sweep import predict_variants
+    base = build(cuda_graph=True)
+    variants = [base.with_pipeline(**overrides) for overrides in (
+        {}, dict(attention='sclip'), dict(outlier_suppression_cfg=dict(top_k=3)),
+        dict(apply_ctd=False))]
+    inputs = torch.randn(2, 3, 40, 56, generator=torch.Generator().manual_seed(1)).cuda()
+    expected = []
+    for variant in variants:
+        eager = variant.with_pipeline()
+        eager.cuda_graph = False
+        expected.append([(s.seg_logits.data, s.pred_sem_seg.data)
+                         for s in eager.predict(inputs)])
+    for _ in range(2):  # capture, then replay
+        outputs = [[(s.seg_logits.data.clone(), s.pred_sem_seg.data.clone()) for s in samples]
+                   for samples in predict_variants(variants, inputs, None)]
+        for variant_outputs, variant_expected in zip(outputs, expected):
+            for (probs, labels), (ref_probs, ref_labels) in zip(variant_outputs,
+                                                                 variant_expected):
+                torch.testing.assert_close(probs, ref_probs, atol=1e-5, rtol=0)
+                assert torch.equal(labels, ref_labels)
+    assert not torch.equal(outputs[0][0][0], outputs[1][0][0])  # the variants differ
+    assert len(base._graphs) == 4  # one per variant, in the shared cache

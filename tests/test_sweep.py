@@ -173,3 +173,30 @@ def test_bad_stage_values_fail_before_the_first_image(tmp_path):
         sweep_tool.main([str(CONFIG), '--grid',
                          'self_attn_enhancement_cfg.enhancement_strength=-1',
                          '--work-dir', str(tmp_path), '--no-progress', '--cfg-options', *SMALL])
+
+
+def test_stages_run_from_the_flattened_graph_inputs():
+    """What a variant's CUDA graph reads (x_cls, attention, memoised X) gives the same
+    logits as the full encodings."""
+    from mmseg_selfattn.segmentor import _flatten_encoded
+    torch.manual_seed(0)
+    model = build_full_model()
+    variant = model.with_pipeline(outlier_suppression_cfg=dict(top_k=3))
+    crops = torch.randn(4, 3, 32, 32)
+    encoded = [model.encode_crops(crops, True, (1, ))]
+    expected = variant.stage_patch_logits(encoded[0])  # fills the dense memo
+    tensors, rebuild = _flatten_encoded(encoded, variant._dense_key)
+    assert len(tensors) == 3
+    rebuilt = rebuild([tensor.clone() for tensor in tensors])
+    assert rebuilt[0].q is None
+    assert torch.equal(variant.stage_patch_logits(rebuilt[0]), expected)
+
+
+def build_full_model():
+    from mmseg.registry import MODELS
+    return MODELS.build(dict(
+        type='SelfAttnCLIPSegmentor', clip=dict(arch=TINY_ARCH, pretrained=None),
+        class_names=['sky', 'tree'], slide_crop=32, slide_stride=16,
+        apply_similarity_enhancement=True, similarity_enhancement_cfg=dict(layer=-2),
+        apply_self_attn_enhancement=True, apply_outlier_suppression=True,
+        apply_global_debias=True, apply_ctd=True))

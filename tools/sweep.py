@@ -60,6 +60,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='applied to the config before the grid, e.g. '
                         'model.clip.pretrained=/path/to/ViT-B-16.pt')
+    parser.add_argument('--batch-size', type=int,
+                        help="images per batch (default: the config's); a test.py run "
+                        'with the same batch size gives the same metrics')
     parser.add_argument('--save-every', type=int, default=20,
                         help='save the progress every N batches (resume point)')
     parser.add_argument('--rerun', action='store_true', help='ignore a saved progress')
@@ -68,8 +71,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args(argv)
-    if args.save_every < 1:
-        parser.error('--save-every must be >= 1')
+    if args.save_every < 1 or (args.batch_size is not None and args.batch_size < 1):
+        parser.error('--save-every and --batch-size must be >= 1')
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
 
@@ -87,6 +90,8 @@ def sweep_config(args: argparse.Namespace) -> Config:
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     set_data_dir(cfg, args.data_root and str(Path(args.data_root).resolve()))
+    if args.batch_size is not None:
+        cfg.test_dataloader.batch_size = args.batch_size
     cfg.launcher = args.launcher
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
         'work_dirs', 'sweep', Path(args.config).stem)
