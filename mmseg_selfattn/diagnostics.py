@@ -6,7 +6,8 @@ no pyplot state, safe under Agg) with these panels, all in the image's pixel coo
 - ``input`` and ``prediction`` (the labels over the photo, legend: class and area %)
 - ``self-attention A_ii`` with the contour at tau = min_self_attn_threshold (stage 3)
 - ``deficit e_i`` = max(0, tau - A_ii) (stage 3)
-- ``outlier score r_i`` = A[cls, i] / (A[i, i] + eps), log colour scale, the tokens
+- ``outlier score r_i`` = A[cls, i] / (A[i, i] + eps) (Ã, the boosted attention, with
+  ``score_attention='enhanced'`` and stage 3 on), log colour scale, the tokens
   stage 4 chose ringed (``StageMaps.outlier_points``)
 - ``CTD clusters``: stage 6's DBSCAN ids (``window_mosaic``), one colour per id, noise grey
 - ``cos(X, x_cls) before debias`` / ``after debias``: entering stage 5 / leaving stage 6,
@@ -286,7 +287,12 @@ class _Sheet:
         outliers = self.summary['outliers']
         points = self.maps.outlier_points().numpy()
         ratio = outliers['min_ratio']
-        subtitle = (f'A[cls,i] / (A[i,i] + eps), log scale\n{outliers["total"]} chosen '
+        settings = self.maps.settings
+        enhanced = ('self_attn_enhancement' in settings and settings[
+            'outlier_suppression'].get('score_attention', 'original') == 'enhanced')
+        score = ('Ã[cls,i] / (Ã[i,i] + eps), Ã boosted' if enhanced
+                 else 'A[cls,i] / (A[i,i] + eps)')
+        subtitle = (f'{score}, log scale\n{outliers["total"]} chosen '
                     f'(cyan rings): top_k {outliers["top_k"]} per window'
                     + ('' if ratio is None else f' with r_i > {ratio:g}'))
         self._heat(axes, values, title, subtitle, cmap='magma', norm=LogNorm(low, high))

@@ -7,7 +7,8 @@ nothing is recomputed another way. Per window, on the patch grid (``windows``):
 
 - ``self_attention``   A_ii of the captured last-block attention (head mean)
 - ``deficit``          e_i = max(0, τ - A_ii) from stage 3 (when on)
-- ``outlier_score``    r_i = A[cls, i] / (A[i, i] + eps) from stage 4 (when on)
+- ``outlier_score``    r_i = A[cls, i] / (A[i, i] + eps) from stage 4 (when on; with
+                       ``score_attention='enhanced'`` and stage 3 on, of Ã)
 - ``outlier``          1 for the tokens stage 4 chose, else 0; ``outlier_indices``
                        (windows, k) the chosen token indices, -1 = none
 - ``cls_similarity_before`` / ``cls_similarity_after``

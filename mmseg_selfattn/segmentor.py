@@ -25,6 +25,7 @@ from .postprocess import (SynonymMax, final_labels, finite_per_image, pixel_pred
 from .sliding_window import WindowMerge, pad_to_patch_multiple
 from .stages import PIPELINE_STAGES, build_stage
 from .stages.global_debias import cls_logit_bias
+from .stages.self_attn_enhancement import enhanced_attention
 from .startup_log import log_enabled
 from .text_classifier import (ClassNames, TextClassifier, parse_class_names,
                               query_to_class_index, read_class_file)
@@ -279,7 +280,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             self._check('self_attn_enhancement', features)
         if self.outlier_suppression is not None:
             with self._timed('outlier_suppression'):
-                features = self.outlier_suppression(features, encoded.attention, encoded.grid)
+                features = self.outlier_suppression(
+                    features, self._score_attention(encoded.attention, deficit), encoded.grid)
             self._check('outlier_suppression', features)
         if record is not None:
             record(attention=encoded.attention, x_cls=x_cls, deficit=deficit,
@@ -298,6 +300,16 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             logits = self.classify(features, x_cls)  # (B, N, Q)
         self._check('classify', logits)
         return logits.transpose(1, 2).unflatten(-1, encoded.grid)
+
+    def _score_attention(self, attention: Tensor, deficit: Optional[Tensor]) -> Tensor:
+        """The attention outlier suppression scores with: Ã with self-attention
+        enhancement on and ``score_attention='enhanced'`` (SPEC §1.4), else A."""
+        self_attn = self.self_attn_enhancement
+        if (getattr(self.outlier_suppression, 'score_attention', 'original') == 'original'
+                or self_attn is None
+                or self_attn.is_neutral):
+            return attention
+        return enhanced_attention(attention, deficit, self_attn.strength)
 
     def _dense_block(self, encoded: EncodedCrops, deficit: Optional[Tensor]) -> Tensor:
         """X of the dense last block with stage 2's attention bias and, in 'attention'

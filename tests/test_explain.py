@@ -9,6 +9,7 @@ from mmengine.registry import init_default_scope
 from mmseg.registry import MODELS
 
 from mmseg_selfattn.stages.outlier_suppression import outlier_scores, rank_outliers
+from mmseg_selfattn.stages.self_attn_enhancement import enhanced_attention
 
 from conftest import TINY_ARCH
 
@@ -75,7 +76,10 @@ def test_window_values_equal_the_stage_tensors(model, explained):
     stage = model.self_attn_enhancement
     torch.testing.assert_close(explained.windows['deficit'],
                                stage.deficit(encoded.attention).reshape(-1, 4, 4))
-    scores = outlier_scores(encoded.attention)
+    # prevention (score_attention='enhanced', the default): r_i from the boosted Ã
+    scores = outlier_scores(enhanced_attention(encoded.attention,
+                                               stage.deficit(encoded.attention), stage.strength))
+    assert not torch.allclose(scores, outlier_scores(encoded.attention))
     torch.testing.assert_close(explained.windows['outlier_score'], scores.reshape(-1, 4, 4))
     indices = rank_outliers(scores, 10)
     assert torch.equal(explained.windows['outlier_indices'], indices)

@@ -36,6 +36,7 @@ from ..startup_log import log_enabled
 from .vectors import unit_vectors
 
 INTERPOLATIONS = ('mean', 'inverse_cosine')
+SCORE_ATTENTIONS = ('enhanced', 'original')
 # (row, col) offsets of the 8-neighbourhood, row-major, centre excluded
 NEIGHBOUR_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
@@ -202,6 +203,10 @@ class OutlierSuppression(nn.Module):
         interpolation: 'mean' or 'inverse_cosine' neighbour weights.
         neighbour_decontamination: tau of the clean-neighbour correction (0 = off).
         eps: added to A[i, i] in the score.
+        score_attention: 'enhanced' (prevention): with self-attention enhancement on,
+            the segmentor passes Ã (``enhanced_attention``: the diagonal boost of stage 3)
+            instead of A, so enhanced tokens are less often outliers; 'original': A.
+            The stage scores whatever attention it is given.
 
     Diagnostics of the latest call: ``last_scores`` (B, N) r_i, and
     ``last_outlier_indices`` (B, min(top_k, N)) long patch indices sorted by descending
@@ -211,7 +216,7 @@ class OutlierSuppression(nn.Module):
 
     def __init__(self, top_k: int = 10, min_ratio: Optional[float] = None,
                  interpolation: str = 'mean', neighbour_decontamination: float = 0.0,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, score_attention: str = 'enhanced'):
         super().__init__()
         key = self.cfg_key
         self.top_k = check_int(f'{key}.top_k', top_k, 0)
@@ -221,6 +226,8 @@ class OutlierSuppression(nn.Module):
         self.neighbour_decontamination = check_number(
             f'{key}.neighbour_decontamination', neighbour_decontamination, 0)
         self.eps = check_number(f'{key}.eps', eps, 0, low_open=True)
+        self.score_attention = check_choice(f'{key}.score_attention', score_attention,
+                                            SCORE_ATTENTIONS)
         self.last_scores: Optional[Tensor] = None
         self.last_outlier_indices: Optional[Tensor] = None
         log_enabled('Outlier Suppression', self.extra_repr())
@@ -250,4 +257,5 @@ class OutlierSuppression(nn.Module):
     def extra_repr(self) -> str:
         return (f'top_k={self.top_k}, min_ratio={self.min_ratio}, '
                 f'interpolation={self.interpolation}, '
-                f'neighbour_decontamination={self.neighbour_decontamination}, eps={self.eps}')
+                f'neighbour_decontamination={self.neighbour_decontamination}, eps={self.eps}, '
+                f'score_attention={self.score_attention}')

@@ -73,6 +73,13 @@ def boost_self_attention(probs: Tensor, deficit: Tensor, strength: float) -> Ten
     return torch.where((boost > 0).unsqueeze(-1), rescaled, probs)
 
 
+def enhanced_attention(attention: Tensor, deficit: Tensor, strength: float) -> Tensor:
+    """Ã (B, T, T): the standard attention A with its patch diagonal boosted,
+    Ã_ii = A_ii + strength * e_i, each boosted row rescaled to its original sum (the
+    CLS row is unchanged). Outlier suppression scores with it (``score_attention``)."""
+    return boost_self_attention(attention[:, None], deficit, strength)[:, 0]
+
+
 def self_attention_stats(attention: Tensor, threshold: float) -> Dict[str, float]:
     """mean, std (ddof=0), min, max of the patch diagonal A_ii (i >= 1) of A (B, T, T)
     or (T, T), and the fraction of patch tokens with A_ii < threshold."""

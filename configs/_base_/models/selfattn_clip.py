@@ -37,7 +37,8 @@ model = dict(
     apply_outlier_suppression=False,
     outlier_suppression_cfg=dict(
         top_k=10, min_ratio=None, interpolation='mean',
-        neighbour_decontamination=0.0),
+        neighbour_decontamination=0.0,
+        score_attention='enhanced'),  # Ã when stage 3 is on (prevention), or 'original'
     apply_global_debias=False,
     global_debias_cfg=dict(factor=0.2),
     cls_token_lambda=0.0,
