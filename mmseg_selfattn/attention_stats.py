@@ -112,6 +112,10 @@ class AttentionStatistics:
         self.score_eps = float(outliers['eps'])
         self.top_k = int(outliers['top_k'])
         self.min_ratio = None if outliers['min_ratio'] is None else float(outliers['min_ratio'])
+        # the scores the stage uses: Ã with enhancement on and score_attention='enhanced'
+        self.scored = ('with' if self.settings['self_attn_enhancement']['enabled']
+                       and outliers.get('score_attention', 'enhanced') == 'enhanced'
+                       and self.strength > 0 and self.tau > 0 else 'without')
         self.min_samples = int(ctd['min_samples'])
         self.ctd_eps = float(ctd['eps'])
         self.tau_grid = _grid(self.grids['tau'], self.tau)
@@ -196,7 +200,7 @@ class AttentionStatistics:
             clusters=self._cluster_summary(),
             per_image=[self._image_summary(image) for image in self.images])
         stats['suggested'] = suggest_settings(stats, self.values('self_attention'),
-                                              self.values('scores', 'without'))
+                                              self.values('scores', self.scored), self.scored)
         return stats
 
     def _outlier_summary(self) -> dict:
@@ -300,8 +304,10 @@ def _round(value: float, digits: int = 2) -> float:
     return round(value, digits - 1 - int(math.floor(math.log10(value))))
 
 
-def suggest_settings(stats: dict, self_attention: np.ndarray, scores: np.ndarray) -> dict:
-    """Settings derived from the data, each with its rule (see the module's constants)."""
+def suggest_settings(stats: dict, self_attention: np.ndarray, scores: np.ndarray,
+                     scored: str = 'without') -> dict:
+    """Settings derived from the data, each with its rule (see the module's constants);
+    ``scores`` are r_i ``scored`` ('without' / 'with') enhancement, as the stage scores."""
     low, chosen, high = (float(np.quantile(self_attention.astype(np.float64), q))
                          for q in BOOSTED_FRACTION)
     tau = min(max(_round(chosen), TAU_GUIDELINE[0]), TAU_GUIDELINE[1])
@@ -325,7 +331,7 @@ def suggest_settings(stats: dict, self_attention: np.ndarray, scores: np.ndarray
     per_window = _tokens_above_per_window(scores, stats, min_ratio)
     top_k = max(1, int(math.ceil(np.quantile(per_window, TOP_K_WINDOW_QUANTILE))))
     suggestions['min_ratio'] = dict(
-        value=min_ratio, rule=f'the {OUTLIER_QUANTILE:.0%} quantile of r_i (without '
+        value=min_ratio, rule=f'the {OUTLIER_QUANTILE:.0%} quantile of r_i ({scored} '
         'enhancement: the attention the stage scores), 2 significant digits: about '
         f'{1 - OUTLIER_QUANTILE:.0%} of the patch tokens can be outliers',
         mean_outliers_per_window=float(per_window.mean()))

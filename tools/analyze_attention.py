@@ -353,7 +353,9 @@ def write_report(stats: dict, path: Path) -> None:
               f"r_i = A[cls,i] / (A[i,i] + eps), eps = {outliers['eps']:g} "
               '(`outlier_scores`). *with enhancement*: A after `boost_self_attention` of '
               f"its diagonal at strength {outliers['strength']:g} and τ {outliers['tau']:g} "
-              "(each boosted row rescaled to its sum); *without*: A as recorded.", '']
+              "(each boosted row rescaled to its sum), what the stage scores with "
+              "`score_attention='enhanced'` (the default) and stage 3 on; *without*: A as "
+              "recorded, what it scores with `'original'` or stage 3 off.", '']
     lines += table(['scores', 'mean', 'median', '90%', '95%', '99%', '99.9%', 'max'], [
         (key, num(outliers[key]['mean']), *(num(outliers[key]['quantiles'][q]) for q in
                                             ('0.5', '0.9', '0.95', '0.99', '0.999')),
