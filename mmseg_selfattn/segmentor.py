@@ -270,18 +270,22 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         ``encoded`` is read, not changed (its dense memo aside)."""
         self_attn = self.self_attn_enhancement
         record = self._recorder  # explain(): keeps the stages' own tensors
-        deficit = None if self_attn is None else self_attn.deficit(encoded.attention)
-        features = self._dense_block(encoded, deficit)
+        deficit = strength = None
+        if self_attn is not None:
+            deficit = self_attn.deficit(encoded.attention)
+            strength = self_attn.token_strength(encoded.attention)
+        features = self._dense_block(encoded, deficit, strength)
         # stages 2-6 and the classifier in fp32 (cheap, and DBSCAN's eps is precise)
         features, x_cls = features.float(), encoded.x_cls.float()
         if self_attn is not None and self_attn.mode == 'feature':  # rescales X
             with self._timed('self_attn_enhancement'):
-                features = self_attn.enhance_features(features, deficit)
+                features = self_attn.enhance_features(features, deficit, strength)
             self._check('self_attn_enhancement', features)
         if self.outlier_suppression is not None:
             with self._timed('outlier_suppression'):
                 features = self.outlier_suppression(
-                    features, self._score_attention(encoded.attention, deficit), encoded.grid)
+                    features, self._score_attention(encoded.attention, deficit, strength),
+                    encoded.grid)
             self._check('outlier_suppression', features)
         if record is not None:
             record(attention=encoded.attention, x_cls=x_cls, deficit=deficit,
@@ -301,7 +305,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         self._check('classify', logits)
         return logits.transpose(1, 2).unflatten(-1, encoded.grid)
 
-    def _score_attention(self, attention: Tensor, deficit: Optional[Tensor]) -> Tensor:
+    def _score_attention(self, attention: Tensor, deficit: Optional[Tensor],
+                         strength) -> Tensor:
         """The attention outlier suppression scores with: Ã with self-attention
         enhancement on and ``score_attention='enhanced'`` (SPEC §1.4), else A."""
         self_attn = self.self_attn_enhancement
@@ -309,9 +314,10 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                 or self_attn is None
                 or self_attn.is_neutral):
             return attention
-        return enhanced_attention(attention, deficit, self_attn.strength)
+        return enhanced_attention(attention, deficit, strength)
 
-    def _dense_block(self, encoded: EncodedCrops, deficit: Optional[Tensor]) -> Tensor:
+    def _dense_block(self, encoded: EncodedCrops, deficit: Optional[Tensor],
+                     strength=None) -> Tensor:
         """X of the dense last block with stage 2's attention bias and, in 'attention'
         mode, stage 3's edit of P; memoised in ``encoded`` by ``_dense_key``."""
         if self._dense_key in encoded.dense_memo:
@@ -325,7 +331,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             self._check('similarity_enhancement', attention_bias)
         if self_attn is not None and self_attn.mode == 'attention':  # edits P in the block
             with self._timed('self_attn_enhancement'):
-                probs_hook = self_attn.probs_hook(deficit)
+                probs_hook = self_attn.probs_hook(deficit, strength)
         with self._timed('dense_block'):
             features = self.encoder.dense_features(encoded, attention_bias, probs_hook)
         self._check('dense block' + (' with self-attention enhancement' if probs_hook else ''),
@@ -496,8 +502,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         # settings share it, and the graph's inputs are only what the stages read
         self_attn = self.self_attn_enhancement
         for crops in encoded:
-            self._dense_block(crops, None if self_attn is None else
-                              self_attn.deficit(crops.attention))
+            self._dense_block(crops, *((None, None) if self_attn is None else (
+                self_attn.deficit(crops.attention), self_attn.token_strength(crops.attention))))
         tensors, rebuild = _flatten_encoded(encoded, self._dense_key)
         key += tuple(tuple(tensor.shape) for tensor in tensors)
         if not self._graphs.accepts(key):

@@ -28,7 +28,7 @@ features directly.
 features come back unchanged and ``probs_hook`` is None.
 """
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from mmseg.registry import MODELS
@@ -39,6 +39,8 @@ from ..startup_log import log_enabled
 
 CFG_KEY = 'self_attn_enhancement_cfg'
 MODES = ('feature', 'attention')
+STRENGTH_MODES = ('fixed', 'entropy', 'cls_ratio')
+Strength = Union[float, Tensor]  # s, or s_i per patch token (B, N)
 
 
 def self_attention_deficit(attention: Tensor, threshold: float) -> Tensor:
@@ -47,15 +49,16 @@ def self_attention_deficit(attention: Tensor, threshold: float) -> Tensor:
     return (threshold - patch_self_attention).clamp_min(0)
 
 
-def enhance_features(features: Tensor, deficit: Tensor, strength: float) -> Tensor:
-    """X_i <- (1 + strength * e_i) X_i for features (B, N, D) and deficit (B, N)."""
-    if strength == 0:
+def enhance_features(features: Tensor, deficit: Tensor, strength: Strength) -> Tensor:
+    """X_i <- (1 + strength * e_i) X_i for features (B, N, D) and deficit (B, N); a
+    per-token strength is (B, N)."""
+    if not isinstance(strength, Tensor) and strength == 0:
         return features
     scale = 1 + strength * deficit.to(features.dtype)
     return features * scale.unsqueeze(-1)
 
 
-def boost_self_attention(probs: Tensor, deficit: Tensor, strength: float) -> Tensor:
+def boost_self_attention(probs: Tensor, deficit: Tensor, strength: Strength) -> Tensor:
     """P_ii <- P_ii + strength * e_i for the patch tokens, same boost for every head,
     then each boosted row rescaled to its original sum (B, H, T, T).
 
@@ -73,11 +76,32 @@ def boost_self_attention(probs: Tensor, deficit: Tensor, strength: float) -> Ten
     return torch.where((boost > 0).unsqueeze(-1), rescaled, probs)
 
 
-def enhanced_attention(attention: Tensor, deficit: Tensor, strength: float) -> Tensor:
+def enhanced_attention(attention: Tensor, deficit: Tensor, strength: Strength) -> Tensor:
     """Ã (B, T, T): the standard attention A with its patch diagonal boosted,
     Ã_ii = A_ii + strength * e_i, each boosted row rescaled to its original sum (the
     CLS row is unchanged). Outlier suppression scores with it (``score_attention``)."""
     return boost_self_attention(attention[:, None], deficit, strength)[:, 0]
+
+
+def token_strength(attention: Tensor, strength: float, strength_mode: str = 'fixed',
+                   ratio_ref: float = 1.0) -> Strength:
+    """Dynamic strength (the seed's extension) from the standard attention A (B, T, T):
+
+    - 'fixed':     s
+    - 'entropy':   s_i = s * H_i / log T, H_i the entropy of token i's row of A: tokens
+                   with diffuse attention get more (a one-hot row 0, a uniform row s);
+    - 'cls_ratio': s_i = s * min(1, r_i / ratio_ref), r_i = A[cls,i] / (A[i,i] + 1e-6):
+                   tokens dominated by the CLS get more.
+    """
+    if strength_mode == 'fixed':
+        return strength
+    attention = attention.float()
+    if strength_mode == 'entropy':
+        rows = attention[:, 1:]  # the patch tokens' rows (B, N, T)
+        entropy = -(rows * rows.clamp_min(torch.finfo(rows.dtype).tiny).log()).sum(dim=-1)
+        return strength * entropy / math.log(attention.shape[-1])
+    ratio = attention[:, 0, 1:] / (attention.diagonal(dim1=-2, dim2=-1)[:, 1:] + 1e-6)
+    return strength * (ratio / ratio_ref).clamp(max=1)
 
 
 def self_attention_stats(attention: Tensor, threshold: float) -> Dict[str, float]:
@@ -111,19 +135,28 @@ class SelfAttentionEnhancement(nn.Module):
         enhancement_strength: s >= 0 (0 = off).
         min_self_attn_threshold: τ in [0, 1]; tokens with A_ii < τ are boosted.
         mode: ``'feature'`` or ``'attention'``.
+        strength_mode: ``'fixed'`` (s for every token), ``'entropy'`` or ``'cls_ratio'``
+            (a strength s_i per token, ``token_strength``).
+        ratio_ref: r_i at which 'cls_ratio' reaches the full strength s, > 0.
     """
     cfg_key = CFG_KEY
 
     def __init__(self,
                  enhancement_strength: float = 0.1,
                  min_self_attn_threshold: float = 0.15,
-                 mode: str = 'feature'):
+                 mode: str = 'feature',
+                 strength_mode: str = 'fixed',
+                 ratio_ref: float = 1.0):
         super().__init__()
         self.strength = check_number(f'{CFG_KEY}.enhancement_strength', enhancement_strength,
                                      0, math.inf, high_open=True)
         self.threshold = check_number(f'{CFG_KEY}.min_self_attn_threshold',
                                       min_self_attn_threshold, 0, 1)
         self.mode = check_choice(f'{CFG_KEY}.mode', mode, MODES)
+        self.strength_mode = check_choice(f'{CFG_KEY}.strength_mode', strength_mode,
+                                          STRENGTH_MODES)
+        self.ratio_ref = check_number(f'{CFG_KEY}.ratio_ref', ratio_ref, 0, math.inf,
+                                      low_open=True, high_open=True)
         log_enabled('Self-Attention Enhancement', self.extra_repr())
 
     @property
@@ -135,18 +168,26 @@ class SelfAttentionEnhancement(nn.Module):
         """e (B, N) from the standard attention A (B, T, T)."""
         return self_attention_deficit(attention, self.threshold)
 
-    def enhance_features(self, features: Tensor, deficit: Tensor) -> Tensor:
-        """'feature' mode: X (B, N, D) -> (1 + s e_i) X_i; the input itself when neutral."""
+    def token_strength(self, attention: Tensor) -> Strength:
+        """s, or s_i (B, N) per patch token with a dynamic ``strength_mode``."""
+        return token_strength(attention, self.strength, self.strength_mode, self.ratio_ref)
+
+    def enhance_features(self, features: Tensor, deficit: Tensor,
+                         strength: Optional[Strength] = None) -> Tensor:
+        """'feature' mode: X (B, N, D) -> (1 + s e_i) X_i (``strength``: s or s_i, default
+        s); the input itself when neutral."""
         if self.is_neutral:
             return features
-        return enhance_features(features, deficit, self.strength)
+        return enhance_features(features, deficit,
+                                self.strength if strength is None else strength)
 
-    def probs_hook(self, deficit: Tensor) -> Optional[Callable[[Tensor], Tensor]]:
+    def probs_hook(self, deficit: Tensor, strength: Optional[Strength] = None
+                   ) -> Optional[Callable[[Tensor], Tensor]]:
         """'attention' mode: edit of the dense attention P (B, H, T, T) for
         ``dense_features(probs_hook=...)``; None when neutral."""
         if self.is_neutral:
             return None
-        strength = self.strength
+        strength = self.strength if strength is None else strength
         return lambda probs: boost_self_attention(probs, deficit, strength)
 
     def get_self_attention_stats(self, attn_weights: Tensor) -> Dict[str, float]:
@@ -155,4 +196,8 @@ class SelfAttentionEnhancement(nn.Module):
         return self_attention_stats(attn_weights, self.threshold)
 
     def extra_repr(self) -> str:
-        return f'strength={self.strength}, threshold={self.threshold}, mode={self.mode}'
+        dynamic = '' if self.strength_mode == 'fixed' else (
+            f', strength_mode={self.strength_mode}'
+            + (f', ratio_ref={self.ratio_ref}' if self.strength_mode == 'cls_ratio' else ''))
+        return (f'strength={self.strength}, threshold={self.threshold}, mode={self.mode}'
+                + dynamic)

@@ -33,7 +33,7 @@ model = dict(
     apply_self_attn_enhancement=False,
     self_attn_enhancement_cfg=dict(
         enhancement_strength=0.1, min_self_attn_threshold=0.15,
-        mode='feature'),
+        mode='feature', strength_mode='fixed', ratio_ref=1.0),
     apply_outlier_suppression=False,
     outlier_suppression_cfg=dict(
         top_k=10, min_ratio=None, interpolation='mean',
