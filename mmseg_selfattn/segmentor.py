@@ -93,6 +93,10 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         logit_scale: temperature of the softmax over queries.
         prob_thd / area_thd / bg_idx: low-confidence pixels and small classes go to
             class ``bg_idx``.
+        test_scales: multi-scale inference (the seed's extension): the image is resized
+            by each factor, the whole pipeline (windows, stages) runs at each scale, and
+            the query logits, resized to the output size, are averaged before
+            post-processing (and PAMR). Crops of all scales share ViT calls. (1.0, ) = off.
         pamr_steps / pamr_stride: PAMR iterations and dilations (0 steps = off);
             ``pamr_dilations`` is an alias of ``pamr_stride``.
         apply_<stage> / <stage>_cfg: stages 2-6 (SPEC §1), off by default.
@@ -111,6 +115,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                  slide_stride: int = 112,
                  max_crops_per_forward: int = 64,
                  max_merge_elements: Union[int, str, None] = 'auto',
+                 test_scales: Sequence[float] = (1.0, ),
                  precision: str = 'fp32',
                  compile: bool = False,
                  cuda_graph: bool = False,
@@ -151,6 +156,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             raise ValueError("max_merge_elements must be an int >= 1, 'auto' or None, got "
                              f'{max_merge_elements!r}.')
         self.max_merge_elements = max_merge_elements
+        self.test_scales = _check_scales(test_scales)
         self.vit_dtype = VIT_DTYPES[check_choice('precision', precision, list(VIT_DTYPES))]
         self._window_merges: Dict[tuple, WindowMerge] = {}
         if clip is not None and not isinstance(clip, dict):
@@ -383,9 +389,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         the patch-grid logits (``WindowMerge``). Pixels reached by a window with
         non-finite logits are NaN; the other windows' pixels are unaffected.
         """
-        patch_logits = self.window_patch_logits(images, merge, encoded)
-        return merge(patch_logits).masked_fill(merge.non_finite_pixels(patch_logits)[:, None],
-                                               float('nan'))
+        return _merge_masked(merge, self.window_patch_logits(images, merge, encoded))
 
     def window_patch_logits(self, images: Tensor, merge: WindowMerge,
                             encoded: Optional[Sequence[EncodedCrops]] = None) -> Tensor:
@@ -487,6 +491,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         """Class probabilities (n, C, H', W'), labels (n, H', W') and whether each image's
         probabilities are finite (n,), of equally sized images (n, 3, H, W); from their
         ``encode_crops`` outputs when ``encoded`` is given (tools/sweep.py)."""
+        if self.test_scales != (1.0, ) and encoded is None:
+            return self._segment_multiscale(images, merge.output_size)
         if self.pamr is not None:
             return self._segment_with_pamr(images, merge, encoded)
         key = (self._pipeline_serial, tuple(images.shape), images.dtype, str(images.device),
@@ -510,6 +516,36 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             return self._segment_images(images, merge, encoded)
         return self._graphs(key, lambda batch, *flat: self._segment_images(
             batch, merge, rebuild(flat)), (images, *tensors))
+
+    def _segment_multiscale(self, images: Tensor, output_size: Tuple[int, int]
+                            ) -> Tuple[Tensor, Tensor, Tensor]:
+        """``test_scales``: query logits of the images resized by every scale, merged to
+        ``output_size`` and averaged, then PAMR and post-processing."""
+        height, width = images.shape[-2:]
+        scaled, merges = [], []
+        for scale in self.test_scales:
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            scaled.append(images if size == (height, width) else
+                          F.interpolate(images, size=size, mode='bilinear', align_corners=False))
+            merges.append(self._window_merge(size, output_size, images.device))
+        crop_shapes = {merge.crop_size for merge in merges}
+        windows = sum(merge.num_windows for merge in merges)
+        if len(crop_shapes) == 1 and windows * len(images) <= self.max_crops_per_forward:
+            # crops of every scale in one ViT call, split back by scale
+            crops = torch.cat([merge.cut(batch) for merge, batch in zip(merges, scaled)])
+            patch_logits = self.crop_patch_logits(crops).split(
+                [merge.num_windows * len(images) for merge in merges])
+            logits = sum(_merge_masked(merge, part) for merge, part in zip(merges, patch_logits))
+        else:  # per scale, chunked as usual (huge images, mixed crop shapes)
+            logits = sum(self.merged_logits(batch, merge) for merge, batch in zip(merges,
+                                                                                  scaled))
+        logits = logits / len(self.test_scales)
+        if self.pamr is not None:
+            resized = F.interpolate(images, size=output_size, mode='bilinear')
+            logits = torch.cat([self.pamr(image[None], image_logits[None].to(image.dtype))
+                                for image, image_logits in zip(resized, logits)])
+        probs, labels = self.segment_logits(logits)
+        return probs, labels, finite_per_image(probs)
 
     def _segment_with_pamr(self, images: Tensor, merge: WindowMerge,
                            encoded: Optional[Sequence[EncodedCrops]] = None
@@ -751,6 +787,22 @@ def _check_bg_idx(bg_idx, num_classes: int, needed: bool) -> Optional[int]:
         raise ValueError(f'bg_idx must be a class index in [0, {num_classes - 1}] (it receives '
                          f'the pixels dropped by prob_thd / area_thd), got {bg_idx!r}.')
     return bg_idx
+
+
+def _merge_masked(merge: WindowMerge, patch_logits: Tensor) -> Tensor:
+    """``merge(patch_logits)`` with NaN where a window with non-finite logits reaches."""
+    return merge(patch_logits).masked_fill(merge.non_finite_pixels(patch_logits)[:, None],
+                                           float('nan'))
+
+
+def _check_scales(scales) -> Tuple[float, ...]:
+    values = tuple(scales) if isinstance(scales, (list, tuple)) else (scales, )
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                         or not 0.05 <= v <= 8 for v in values):
+        raise ValueError('test_scales must be a non-empty list of resize factors in '
+                         f'[0.05, 8] (e.g. (0.75, 1.0, 1.25); (1.0, ) = single scale), got '
+                         f'{scales!r}.')
+    return tuple(float(v) for v in values)
 
 
 def _flatten_encoded(encoded: Sequence[EncodedCrops], dense_key: tuple):

@@ -36,6 +36,7 @@ REFUSED_KEYS = {
     'max_crops_per_forward': 'a speed setting: it does not change predictions',
     'max_merge_elements': 'a speed setting: it does not change predictions',
     'compile': 'a speed setting: it does not change predictions',
+    'test_scales': 'the scales resize the image the encoder sees',
     'cuda_graph': 'a speed setting: it does not change predictions',
 }
 
@@ -199,6 +200,9 @@ class SweepLoop(TestLoop):
     def _variants(self, model) -> Tuple[list, List[List[int]]]:
         """One ``with_pipeline`` model per distinct setting (points that differ only in a
         disabled stage's cfg share one), and the points of each."""
+        if model.test_scales != (1.0, ):
+            raise ValueError(f'model.test_scales={model.test_scales}: a sweep encodes each '
+                             'image once at its own size; sweep single-scale configs.')
         logger = MMLogger.get_current_instance()
         level, keyed = logger.level, {}
         logger.setLevel('WARNING')  # not one set of start-up lines per point

@@ -140,6 +140,7 @@ def test_an_interrupted_sweep_resumes(swept, tmp_path, monkeypatch):
     ('class_names', 'class list'),
     ('test_dataloader.dataset.pipeline', 'not a model key'),
     ('max_crops_per_forward', 'speed setting'),
+    ('test_scales', 'scales resize the image'),
     ('bogus', 'a grid varies'),
     ('attention.sub', 'a grid varies'),
     ('ctd_cfg.eps.deeper', 'a grid varies'),

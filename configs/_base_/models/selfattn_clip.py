@@ -17,6 +17,7 @@ model = dict(
     name_path=None,  # set by each leaf config from its dataset base
     slide_crop=224,
     slide_stride=112,
+    test_scales=(1.0, ),  # multi-scale inference, e.g. (0.75, 1.0, 1.25)
     max_crops_per_forward=64,  # crops of all images of a batch, per ViT forward
     precision='fp32',  # or 'fp16' / 'bf16' autocast (GPU)
     logit_scale=40.0,
