@@ -25,7 +25,7 @@ from .postprocess import (SynonymMax, final_labels, finite_per_image, pixel_pred
 from .sliding_window import WindowMerge, pad_to_patch_multiple
 from .stages import PIPELINE_STAGES, build_stage
 from .stages.global_debias import cls_logit_bias
-from .stages.self_attn_enhancement import enhanced_attention
+from .stages.self_attn_enhancement import enhanced_attention, self_attention_deficit
 from .startup_log import log_enabled
 from .text_classifier import (ClassNames, TextClassifier, parse_class_names,
                               query_to_class_index, read_class_file)
@@ -147,7 +147,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             raise ValueError(f'pretrained={pretrained!r}: CLIP weights are chosen by '
                              "clip=dict(pretrained=...), e.g. clip.pretrained='openai'.")
         self.class_names = self._read_classes(name_path, class_names)
-        self.synonym_max = SynonymMax(query_to_class_index(self.class_names).tolist())
+        self._query_class = query_to_class_index(self.class_names)  # (Q,) class of a query
+        self.synonym_max = SynonymMax(self._query_class.tolist())
         self.slide_crop, self.slide_stride = _check_window(slide_crop, slide_stride)
         self.max_crops_per_forward = check_int('max_crops_per_forward', max_crops_per_forward, 1)
         if not (max_merge_elements in (None, 'auto') or (
@@ -228,6 +229,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         self._dense_key = (attention, self.encoder.gaussian_std,
                            repr(self.similarity_enhancement),
                            repr(self.self_attn_enhancement) if attention_mode else None)
+        self._plain_dense_key = self._dense_key[:3] + (None, )  # without stage 3's edit
+        self._class_tau = self._class_thresholds()
 
     def with_pipeline(self, **overrides) -> 'SelfAttnCLIPSegmentor':
         """A segmentor that shares this one's CLIP (ViT weights, text embeddings, windows)
@@ -278,8 +281,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         record = self._recorder  # explain(): keeps the stages' own tensors
         deficit = strength = None
         if self_attn is not None:
-            deficit = self_attn.deficit(encoded.attention)
-            strength = self_attn.token_strength(encoded.attention)
+            deficit, strength = self._enhancement_inputs(encoded)
         features = self._dense_block(encoded, deficit, strength)
         # stages 2-6 and the classifier in fp32 (cheap, and DBSCAN's eps is precise)
         features, x_cls = features.float(), encoded.x_cls.float()
@@ -323,11 +325,13 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         return enhanced_attention(attention, deficit, strength)
 
     def _dense_block(self, encoded: EncodedCrops, deficit: Optional[Tensor],
-                     strength=None) -> Tensor:
+                     strength=None, enhanced: bool = True) -> Tensor:
         """X of the dense last block with stage 2's attention bias and, in 'attention'
-        mode, stage 3's edit of P; memoised in ``encoded`` by ``_dense_key``."""
-        if self._dense_key in encoded.dense_memo:
-            return encoded.dense_memo[self._dense_key]
+        mode, stage 3's edit of P (``enhanced=False``: without it); memoised in
+        ``encoded`` by ``_dense_key``."""
+        key = self._dense_key if enhanced else self._plain_dense_key
+        if key in encoded.dense_memo:
+            return encoded.dense_memo[key]
         similarity, self_attn = self.similarity_enhancement, self.self_attn_enhancement
         attention_bias = probs_hook = None
         if similarity is not None:
@@ -335,15 +339,47 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                 attention_bias = similarity.attention_bias(
                     [encoded.mid_features[index] for index in self._mid_layers])
             self._check('similarity_enhancement', attention_bias)
-        if self_attn is not None and self_attn.mode == 'attention':  # edits P in the block
-            with self._timed('self_attn_enhancement'):
+        if enhanced and self_attn is not None and self_attn.mode == 'attention':
+            with self._timed('self_attn_enhancement'):  # edits P in the block
                 probs_hook = self_attn.probs_hook(deficit, strength)
         with self._timed('dense_block'):
             features = self.encoder.dense_features(encoded, attention_bias, probs_hook)
         self._check('dense block' + (' with self-attention enhancement' if probs_hook else ''),
                     features)
-        encoded.dense_memo[self._dense_key] = features
+        encoded.dense_memo[key] = features
         return features
+
+    def _enhancement_inputs(self, encoded: EncodedCrops) -> Tuple[Tensor, object]:
+        """Stage 3's deficit e (B, N) and strength (s, or s_i per token). With
+        ``class_thresholds`` each token's τ is that of its class c(i), the argmax class
+        of the classifier on the unenhanced dense features."""
+        self_attn = self.self_attn_enhancement
+        strength = self_attn.token_strength(encoded.attention)
+        if self._class_tau is None:
+            return self_attn.deficit(encoded.attention), strength
+        plain = self._dense_block(encoded, None, enhanced=False)
+        logits = self.classify(plain.float(), encoded.x_cls.float())  # (B, N, Q)
+        tau = self._class_tau.to(logits.device)[self._query_class.to(logits.device)[
+            logits.argmax(dim=-1)]]
+        return self_attention_deficit(encoded.attention, tau), strength
+
+    def _class_thresholds(self) -> Optional[Tensor]:
+        """(C,) τ per class from ``self_attn_enhancement_cfg.class_thresholds`` (None when
+        unset); a class is named by any of its synonyms."""
+        self_attn = self.self_attn_enhancement
+        if self_attn is None or not self_attn.class_thresholds:
+            return None
+        index = {name: c for c, synonyms in enumerate(self.class_names) for name in synonyms}
+        unknown = sorted(set(self_attn.class_thresholds) - set(index))
+        if unknown:
+            raise ValueError(
+                f'self_attn_enhancement_cfg.class_thresholds: unknown class(es) {unknown}; '
+                f'the classes are {[synonyms[0] for synonyms in self.class_names]} (or any '
+                'of their synonyms).')
+        tau = torch.full((len(self.class_names), ), float(self_attn.threshold))
+        for name, value in self_attn.class_thresholds.items():
+            tau[index[name]] = value
+        return tau
 
     def _stage_diagnostics(self) -> Dict[str, Optional[Tensor]]:
         """What stages 4 and 6 kept of their latest call (for ``explain``)."""
@@ -508,9 +544,9 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         # settings share it, and the graph's inputs are only what the stages read
         self_attn = self.self_attn_enhancement
         for crops in encoded:
-            self._dense_block(crops, *((None, None) if self_attn is None else (
-                self_attn.deficit(crops.attention), self_attn.token_strength(crops.attention))))
-        tensors, rebuild = _flatten_encoded(encoded, self._dense_key)
+            self._dense_block(crops, *((None, None) if self_attn is None
+                                       else self._enhancement_inputs(crops)))
+        tensors, rebuild = _flatten_encoded(encoded, self._dense_key, self._plain_dense_key)
         key += tuple(tuple(tensor.shape) for tensor in tensors)
         if not self._graphs.accepts(key):
             return self._segment_images(images, merge, encoded)
@@ -805,24 +841,26 @@ def _check_scales(scales) -> Tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-def _flatten_encoded(encoded: Sequence[EncodedCrops], dense_key: tuple):
+def _flatten_encoded(encoded: Sequence[EncodedCrops], *dense_keys: tuple):
     """What stages 3-7 read of ``encode_crops`` outputs whose dense block is memoised
-    under ``dense_key`` (x_cls, attention, X) as a flat list of tensors, and a function
-    that rebuilds such outputs from tensors of the same shapes (CUDA-graph inputs)."""
+    (x_cls, attention, X under those of ``dense_keys`` present) as a flat list of
+    tensors, and a function that rebuilds such outputs from tensors of the same shapes
+    (CUDA-graph inputs)."""
     layouts, tensors = [], []
     for crops in encoded:
         has_attention = crops.attention is not None
-        layouts.append((crops.grid, has_attention))
+        keys = [key for key in dict.fromkeys(dense_keys) if key in crops.dense_memo]
+        layouts.append((crops.grid, has_attention, keys))
         tensors += [crops.x_cls, *([crops.attention] if has_attention else []),
-                    crops.dense_memo[dense_key]]
+                    *(crops.dense_memo[key] for key in keys)]
 
     def rebuild(flat: Sequence[Tensor]) -> List[EncodedCrops]:
         flat, rebuilt = list(flat), []
-        for grid, has_attention in layouts:
+        for grid, has_attention, keys in layouts:
             x_cls, attention = flat.pop(0), flat.pop(0) if has_attention else None
             rebuilt.append(EncodedCrops(grid=grid, block_input=None, q=None, k=None, v=None,
                                         x_cls=x_cls, attention=attention,
-                                        dense_memo={dense_key: flat.pop(0)}))
+                                        dense_memo={key: flat.pop(0) for key in keys}))
         return rebuilt
 
     return tensors, rebuild

@@ -138,6 +138,9 @@ class SelfAttentionEnhancement(nn.Module):
         strength_mode: ``'fixed'`` (s for every token), ``'entropy'`` or ``'cls_ratio'``
             (a strength s_i per token, ``token_strength``).
         ratio_ref: r_i at which 'cls_ratio' reaches the full strength s, > 0.
+        class_thresholds: {class name: τ in [0, 1]}: a token's τ is that of its class
+            (argmax under the unenhanced features; the segmentor resolves the names);
+            other classes use ``min_self_attn_threshold``.
     """
     cfg_key = CFG_KEY
 
@@ -146,7 +149,8 @@ class SelfAttentionEnhancement(nn.Module):
                  min_self_attn_threshold: float = 0.15,
                  mode: str = 'feature',
                  strength_mode: str = 'fixed',
-                 ratio_ref: float = 1.0):
+                 ratio_ref: float = 1.0,
+                 class_thresholds: Optional[Dict[str, float]] = None):
         super().__init__()
         self.strength = check_number(f'{CFG_KEY}.enhancement_strength', enhancement_strength,
                                      0, math.inf, high_open=True)
@@ -157,12 +161,14 @@ class SelfAttentionEnhancement(nn.Module):
                                           STRENGTH_MODES)
         self.ratio_ref = check_number(f'{CFG_KEY}.ratio_ref', ratio_ref, 0, math.inf,
                                       low_open=True, high_open=True)
+        self.class_thresholds = _check_class_thresholds(class_thresholds)
         log_enabled('Self-Attention Enhancement', self.extra_repr())
 
     @property
     def is_neutral(self) -> bool:
-        """True when no token can change (strength 0 or threshold 0)."""
-        return self.strength == 0 or self.threshold == 0
+        """True when no token can change (strength 0, or every threshold 0)."""
+        return self.strength == 0 or (self.threshold == 0 and not any(
+            (self.class_thresholds or {}).values()))
 
     def deficit(self, attention: Tensor) -> Tensor:
         """e (B, N) from the standard attention A (B, T, T)."""
@@ -199,5 +205,17 @@ class SelfAttentionEnhancement(nn.Module):
         dynamic = '' if self.strength_mode == 'fixed' else (
             f', strength_mode={self.strength_mode}'
             + (f', ratio_ref={self.ratio_ref}' if self.strength_mode == 'cls_ratio' else ''))
+        classes = '' if not self.class_thresholds else (
+            f', class_thresholds={self.class_thresholds}')
         return (f'strength={self.strength}, threshold={self.threshold}, mode={self.mode}'
-                + dynamic)
+                + dynamic + classes)
+
+
+def _check_class_thresholds(value) -> Optional[Dict[str, float]]:
+    key = f'{CFG_KEY}.class_thresholds'
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(name, str) for name in value):
+        raise ValueError(f"{key} must be a dict {{class name: threshold}}, e.g. "
+                         f"{{'person': 0.2, 'sky': 0.1}}, got {value!r}.")
+    return {name: check_number(f'{key}[{name!r}]', tau, 0, 1) for name, tau in value.items()}

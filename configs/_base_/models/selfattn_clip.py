@@ -34,7 +34,8 @@ model = dict(
     apply_self_attn_enhancement=False,
     self_attn_enhancement_cfg=dict(
         enhancement_strength=0.1, min_self_attn_threshold=0.15,
-        mode='feature', strength_mode='fixed', ratio_ref=1.0),
+        mode='feature', strength_mode='fixed', ratio_ref=1.0,
+        class_thresholds={}),  # {} (not None): a leaf config can add classes
     apply_outlier_suppression=False,
     outlier_suppression_cfg=dict(
         top_k=10, min_ratio=None, interpolation='mean',
