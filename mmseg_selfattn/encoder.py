@@ -16,7 +16,9 @@ from torch import nn
 
 from .config_checks import check_number
 from .dense_attention import DENSE_VARIANTS, ProbsHook, dense_attention, gaussian_window
+from .stages.self_attn_enhancement import boost_self_attention, self_attention_deficit
 
+BlockEdit = Tuple[str, float, float]  # (mode, strength, threshold) of an earlier block
 # naclip's window std in patches: below this the window is the identity, above it flat
 GAUSSIAN_STD_RANGE = (0.01, 1e4)
 
@@ -72,14 +74,19 @@ class DenseCLIPEncoder(nn.Module):
 
     # -- stage 1: the standard forward, captured -------------------------------------------
     def encode(self, crops: torch.Tensor, capture_attention: bool = False,
-               mid_layers: Sequence[int] = ()) -> EncodedCrops:
+               mid_layers: Sequence[int] = (),
+               block_edits: Optional[Dict[int, BlockEdit]] = None) -> EncodedCrops:
         """Run the ViT on crops (B, 3, H, W), H and W multiples of the patch size.
 
         Args:
             capture_attention: also return the head-averaged standard attention A.
             mid_layers: 0-based indices of blocks (not the last) whose patch outputs
                 are returned in ``mid_features``.
+            block_edits: {block index (not the last): (mode, strength, threshold)}:
+                layer-wise self-attention enhancement of earlier blocks; only these
+                blocks leave torch's fused attention.
         """
+        block_edits = block_edits or {}
         ph, pw = self.patch_size
         if crops.shape[-2] % ph or crops.shape[-1] % pw:
             raise ValueError(f'crop size {tuple(crops.shape[-2:])} is not a multiple of the '
@@ -91,7 +98,8 @@ class DenseCLIPEncoder(nn.Module):
         x = self._embed(crops, grid)
         mid_features = {}
         for index, block in enumerate(blocks[:-1]):
-            x = block(x)
+            edit = block_edits.get(index)
+            x = block(x) if edit is None else self._enhanced_block(block, x, *edit)
             if index in mid_layers:
                 mid_features[index] = x[:, 1:]
         last = blocks[-1]
@@ -109,6 +117,23 @@ class DenseCLIPEncoder(nn.Module):
             attention = logits.softmax(dim=-1).mean(dim=1)  # fp32: stages divide by A_ii
         return EncodedCrops(grid=grid, block_input=x, q=q, k=k, v=v, x_cls=x_cls,
                             attention=attention, mid_features=mid_features)
+
+    def _enhanced_block(self, block: nn.Module, x: torch.Tensor, mode: str, strength: float,
+                        threshold: float) -> torch.Tensor:
+        """An earlier block with self-attention enhancement from its own attention A:
+        'attention' boosts the diagonal of its softmax attention (rows renormalised),
+        'feature' scales its output patch tokens by (1 + s e_i)."""
+        q, k, v = self._qkv(block, x)
+        probs = ((q @ k.transpose(-2, -1)).float() * q.shape[-1]**-0.5).softmax(dim=-1)
+        deficit = self_attention_deficit(probs.mean(dim=1), threshold)
+        if mode == 'attention':
+            probs = boost_self_attention(probs, deficit, strength)
+        x = x + block.ls_1(self._merge_heads(block, probs.to(v.dtype) @ v))
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        if mode == 'feature':
+            scale = (1 + strength * deficit).to(x.dtype)[..., None]
+            x = torch.cat([x[:, :1], x[:, 1:] * scale], dim=1)
+        return x
 
     # -- stage 1b: the dense last block ---------------------------------------------------
     def dense_features(self, encoded: EncodedCrops, logit_bias: Optional[torch.Tensor] = None,

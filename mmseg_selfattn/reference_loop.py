@@ -30,7 +30,12 @@ class ReferenceEncoder(DenseCLIPEncoder):
         self.dtype = dtype
 
     def encode(self, crops: Tensor, capture_attention: bool = False,
-               mid_layers: Sequence[int] = ()) -> EncodedCrops:
+               mid_layers: Sequence[int] = (), block_edits: Optional[dict] = None
+               ) -> EncodedCrops:
+        if block_edits:
+            raise NotImplementedError('the reference loop (published-style blocks) has no '
+                                      'layer-wise self-attention enhancement of earlier '
+                                      'blocks (self_attn_enhancement_cfg.layers).')
         visual = self.visual
         grid = (crops.shape[-2] // self.patch_size[0], crops.shape[-1] // self.patch_size[1])
         x = visual.conv1(crops.to(self.dtype)).flatten(2).transpose(1, 2)

@@ -230,6 +230,12 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                            repr(self.similarity_enhancement),
                            repr(self.self_attn_enhancement) if attention_mode else None)
         self._plain_dense_key = self._dense_key[:3] + (None, )  # without stage 3's edit
+        # layer-wise enhancement of earlier blocks (part of the encoding)
+        self._block_edits = {} if self.self_attn_enhancement is None else {
+            index: (self.self_attn_enhancement.mode, strength,
+                    self.self_attn_enhancement.threshold)
+            for index, strength in self.self_attn_enhancement.resolve_layers(
+                self.encoder.num_blocks).items()}
         self._class_tau = self._class_thresholds()
 
     def with_pipeline(self, **overrides) -> 'SelfAttnCLIPSegmentor':
@@ -270,7 +276,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                 capture_attention=(capture_attention or self._needs_attention
                                    or self._recorder is not None),
                 mid_layers=(tuple(sorted({*self._mid_layers, *mid_layers})) if mid_layers
-                            else self._mid_layers))
+                            else self._mid_layers), block_edits=self._block_edits)
         self._check('encode', encoded.x_cls, encoded.attention)
         return encoded
 

@@ -210,6 +210,11 @@ class SweepLoop(TestLoop):
             for index, point in enumerate(self.points):
                 overrides = pipeline_overrides(model._pipeline_kwargs, point)
                 variant = model.with_pipeline(**overrides)
+                if variant._block_edits != model._block_edits:
+                    raise ValueError(
+                        f'grid point {point}: self-attention enhancement of blocks before '
+                        'the last (self_attn_enhancement_cfg.layers) changes the encoding, '
+                        'which a sweep shares; vary it in separate runs.')
                 key = repr(sorted(_effective(variant._pipeline_kwargs).items()))
                 keyed.setdefault(key, (variant, []))[1].append(index)
         finally:

@@ -28,7 +28,7 @@ features directly.
 features come back unchanged and ``probs_hook`` is None.
 """
 import math
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from mmseg.registry import MODELS
@@ -138,6 +138,12 @@ class SelfAttentionEnhancement(nn.Module):
         strength_mode: ``'fixed'`` (s for every token), ``'entropy'`` or ``'cls_ratio'``
             (a strength s_i per token, ``token_strength``).
         ratio_ref: r_i at which 'cls_ratio' reaches the full strength s, > 0.
+        layers: ViT blocks to enhance (0-based, negative from the end; -1 = the dense
+            last block, the default). In an earlier block, 'attention' mode boosts that
+            block's softmax attention diagonal (rows renormalised) and 'feature' mode
+            scales its output tokens by (1 + s e_i), e_i from that block's own attention
+            (fixed strength, ``min_self_attn_threshold``); ``enhancement_strength`` may
+            then be one value per layer.
         class_thresholds: {class name: τ in [0, 1]}: a token's τ is that of its class
             (argmax under the unenhanced features; the segmentor resolves the names);
             other classes use ``min_self_attn_threshold``.
@@ -150,10 +156,14 @@ class SelfAttentionEnhancement(nn.Module):
                  mode: str = 'feature',
                  strength_mode: str = 'fixed',
                  ratio_ref: float = 1.0,
-                 class_thresholds: Optional[Dict[str, float]] = None):
+                 class_thresholds: Optional[Dict[str, float]] = None,
+                 layers: Sequence[int] = (-1, )):
         super().__init__()
-        self.strength = check_number(f'{CFG_KEY}.enhancement_strength', enhancement_strength,
-                                     0, math.inf, high_open=True)
+        self.layers = _check_layers(layers)
+        self.layer_strengths = _check_strengths(enhancement_strength, len(self.layers))
+        # s of the dense last block; set by resolve_layers when the layer list names it
+        # otherwise than -1
+        self.strength = dict(zip(self.layers, self.layer_strengths)).get(-1, 0.0)
         self.threshold = check_number(f'{CFG_KEY}.min_self_attn_threshold',
                                       min_self_attn_threshold, 0, 1)
         self.mode = check_choice(f'{CFG_KEY}.mode', mode, MODES)
@@ -163,6 +173,25 @@ class SelfAttentionEnhancement(nn.Module):
                                       low_open=True, high_open=True)
         self.class_thresholds = _check_class_thresholds(class_thresholds)
         log_enabled('Self-Attention Enhancement', self.extra_repr())
+
+    def resolve_layers(self, num_blocks: int) -> Dict[int, float]:
+        """Checks the layers against a ViT of ``num_blocks`` blocks, sets ``strength`` (the
+        dense last block's, 0 if not listed) and returns {earlier block index: s} of the
+        earlier blocks with s > 0 (none when τ = 0)."""
+        resolved = {}
+        for layer, strength in zip(self.layers, self.layer_strengths):
+            index = layer + num_blocks if layer < 0 else layer
+            if not 0 <= index < num_blocks:
+                raise ValueError(f'{CFG_KEY}.layers: block {layer} is out of range: the ViT '
+                                 f'has {num_blocks} blocks (0..{num_blocks - 1}, or -1 for the '
+                                 'dense last block).')
+            if index in resolved:
+                raise ValueError(f'{CFG_KEY}.layers: block {index} is listed twice '
+                                 f'({list(self.layers)}).')
+            resolved[index] = strength
+        self.strength = resolved.pop(num_blocks - 1, 0.0)
+        return {index: strength for index, strength in resolved.items()
+                if strength > 0 and self.threshold > 0}
 
     @property
     def is_neutral(self) -> bool:
@@ -207,8 +236,31 @@ class SelfAttentionEnhancement(nn.Module):
             + (f', ratio_ref={self.ratio_ref}' if self.strength_mode == 'cls_ratio' else ''))
         classes = '' if not self.class_thresholds else (
             f', class_thresholds={self.class_thresholds}')
-        return (f'strength={self.strength}, threshold={self.threshold}, mode={self.mode}'
-                + dynamic + classes)
+        strength = (self.layer_strengths[0] if len(self.layer_strengths) == 1
+                    else list(self.layer_strengths))
+        layers = '' if self.layers == (-1, ) else f', layers={list(self.layers)}'
+        return (f'strength={strength}, threshold={self.threshold}, mode={self.mode}'
+                + layers + dynamic + classes)
+
+
+def _check_layers(layers) -> Tuple[int, ...]:
+    values = tuple(layers) if isinstance(layers, (list, tuple)) else (layers, )
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise ValueError(f'{CFG_KEY}.layers must be a non-empty list of ViT block indices '
+                         f'(-1 = the dense last block), got {layers!r}.')
+    return values
+
+
+def _check_strengths(strength, num_layers: int) -> Tuple[float, ...]:
+    key = f'{CFG_KEY}.enhancement_strength'
+    if isinstance(strength, (list, tuple)):
+        if len(strength) != num_layers:
+            raise ValueError(f'{key}: {len(strength)} values for {num_layers} layer(s); give '
+                             'one number, or one per entry of layers.')
+        return tuple(check_number(f'{key}[{i}]', value, 0, math.inf, high_open=True)
+                     for i, value in enumerate(strength))
+    value = check_number(key, strength, 0, math.inf, high_open=True)
+    return (value, ) * num_layers
 
 
 def _check_class_thresholds(value) -> Optional[Dict[str, float]]:

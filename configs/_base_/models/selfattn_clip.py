@@ -35,7 +35,8 @@ model = dict(
     self_attn_enhancement_cfg=dict(
         enhancement_strength=0.1, min_self_attn_threshold=0.15,
         mode='feature', strength_mode='fixed', ratio_ref=1.0,
-        class_thresholds={}),  # {} (not None): a leaf config can add classes
+        class_thresholds={},  # {} (not None): a leaf config can add classes
+        layers=(-1, )),  # -1: the dense last block; earlier blocks: layer-wise
     apply_outlier_suppression=False,
     outlier_suppression_cfg=dict(
         top_k=10, min_ratio=None, interpolation='mean',

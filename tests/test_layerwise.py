@@ -1,0 +1,102 @@
+"""Layer-wise self-attention enhancement (the seed's extension): earlier ViT blocks."""
+import pytest
+import torch
+from mmseg.registry import MODELS
+
+from mmseg_selfattn.sweep import SweepLoop
+
+from conftest import TINY_ARCH  # 3 blocks: 0, 1, and the dense last block 2
+
+
+def build(**sa_cfg):
+    torch.manual_seed(0)
+    return MODELS.build(dict(
+        type='SelfAttnCLIPSegmentor', clip=dict(arch=TINY_ARCH, pretrained=None),
+        class_names=['sky', 'tree', 'road'], slide_crop=32, slide_stride=16,
+        apply_self_attn_enhancement=True, apply_global_debias=True,
+        self_attn_enhancement_cfg=dict(min_self_attn_threshold=0.9, **sa_cfg)))
+
+
+def block_input(model, crops, index):
+    encoder = model.encoder
+    x = encoder._embed(crops, (4, 4))
+    for block in encoder.visual.transformer.resblocks[:index]:
+        x = block(x)
+    return x
+
+
+def test_default_and_zero_strength_leave_the_encoding_bitwise():
+    crops = torch.randn(2, 3, 32, 32)
+    plain = build().encode_crops(crops)
+    for cfg in (dict(layers=[-1]), dict(layers=[0, -1], enhancement_strength=[0.0, 0.1])):
+        model = build(**cfg)
+        assert model._block_edits == {}
+        encoded = model.encode_crops(crops)
+        assert torch.equal(encoded.block_input, plain.block_input)
+
+
+def test_explicit_block_without_boost_equals_the_fused_block():
+    model = build()
+    block = model.encoder.visual.transformer.resblocks[0]
+    x = block_input(model, torch.randn(2, 3, 32, 32), 0)
+    explicit = model.encoder._enhanced_block(block, x, 'attention', 0.0, 0.9)
+    torch.testing.assert_close(explicit, block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_feature_mode_scales_the_blocks_output_by_its_own_deficit():
+    model = build(layers=[1], enhancement_strength=0.7)
+    assert model._block_edits == {1: ('feature', 0.7, 0.9)}
+    assert model.self_attn_enhancement.strength == 0.0  # the dense block is not listed
+    crops = torch.randn(2, 3, 32, 32)
+    block = model.encoder.visual.transformer.resblocks[1]
+    x = block_input(model, crops, 1)
+    normed = block.ln_1(x)
+    _, weights = block.attn(normed, normed, normed, need_weights=True,
+                            average_attn_weights=True)  # head-mean A of block 1, by torch
+    deficit = (0.9 - weights.diagonal(dim1=-2, dim2=-1)[:, 1:]).clamp_min(0)
+    out = block(x)
+    expected = torch.cat([out[:, :1], out[:, 1:] * (1 + 0.7 * deficit)[..., None]], dim=1)
+    torch.testing.assert_close(model.encoder._enhanced_block(block, x, 'feature', 0.7, 0.9),
+                               expected, atol=1e-5, rtol=1e-5)
+    # and the model's encoding runs block 1 that way
+    assert not torch.equal(model.encode_crops(crops).block_input,
+                           build().encode_crops(crops).block_input)
+
+
+def test_attention_mode_boosts_the_blocks_diagonal():
+    model = build(layers=[0, -1], enhancement_strength=[0.5, 0.2], mode='attention')
+    assert model._block_edits == {0: ('attention', 0.5, 0.9)}
+    assert model.self_attn_enhancement.strength == 0.2
+    block = model.encoder.visual.transformer.resblocks[0]
+    x = block_input(model, torch.randn(2, 3, 32, 32), 0)
+    boosted = model.encoder._enhanced_block(block, x, 'attention', 0.5, 0.9)
+    plain = block(x)
+    assert not torch.allclose(boosted, plain, atol=1e-4)
+    samples = model.predict(torch.randn(1, 3, 48, 48))
+    assert torch.isfinite(samples[0].seg_logits.data).all()
+
+
+@pytest.mark.parametrize('cfg, match', [
+    (dict(layers=[3]), 'out of range'),
+    (dict(layers=[-1, 2]), 'listed twice'),
+    (dict(layers=[0, -1], enhancement_strength=[0.1]), '1 values for 2 layer'),
+    (dict(layers=[]), 'non-empty list'),
+    (dict(layers=['0']), 'non-empty list'),
+    (dict(layers=[0, -1], enhancement_strength=[0.1, -1]), r'enhancement_strength\[1\]')])
+def test_bad_layers_are_named(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        build(**cfg)
+
+
+def test_log_line_lists_layers(log_records):
+    build(layers=[0, -1], enhancement_strength=[0.3, 0.1])
+    assert ('[Self-Attention Enhancement] Enabled with strength=[0.3, 0.1], threshold=0.9, '
+            'mode=feature, layers=[0, -1]') in log_records
+
+
+def test_a_sweep_refuses_points_that_change_earlier_blocks():
+    model = build()
+    loop = SweepLoop.__new__(SweepLoop)
+    loop.points = [{'self_attn_enhancement_cfg.layers': [0, -1]}]
+    with pytest.raises(ValueError, match='changes the encoding'):
+        loop._variants(model)
