@@ -116,20 +116,29 @@ def cfg_options(point: Dict[str, Any]) -> str:
 def predict_variants(variants: Sequence[SelfAttnCLIPSegmentor], inputs: torch.Tensor,
                      data_samples: list) -> Iterator[list]:
     """``variant.predict(inputs, data_samples)`` for every variant in turn (the samples
-    are reused: read each before the next), encoding the batch once. Non-finite
+    are reused: read each before the next), encoding the batch once per distinct
+    enhancement of earlier blocks (``self_attn_enhancement_cfg.layers``). Non-finite
     outputs raise as in ``predict``, once every variant has run on the batch."""
     first = variants[0]  # all share the encoder's weights
     capture = any(variant._needs_attention for variant in variants)
     mid_layers = sorted({layer for variant in variants for layer in variant._mid_layers})
     data_samples, images, metas = first.unpad_batch(inputs, data_samples)
-    groups = [(indices, batch, merge,
-               [first.encode_crops(crops, capture, mid_layers)
-                for crops in first.crop_batches(batch, merge)])
-              for indices, batch, merge in first.image_groups(images, metas)]
+    batches = list(first.image_groups(images, metas))
+    encodings = {}  # one encoding per distinct enhancement of earlier blocks (layers)
+
+    def groups_of(variant):
+        key = repr(sorted(variant._block_edits.items()))
+        if key not in encodings:
+            encodings[key] = [(indices, batch, merge,
+                               [variant.encode_crops(crops, capture, mid_layers)
+                                for crops in variant.crop_batches(batch, merge)])
+                              for indices, batch, merge in batches]
+        return encodings[key]
+
     finite_flags = []  # checked after the last variant: one host sync per batch
     for variant in variants:
         finite = []
-        for indices, batch, merge, encoded in groups:
+        for indices, batch, merge, encoded in groups_of(variant):
             variant.store_predictions(data_samples, indices,
                                       variant.segment_group(batch, merge, encoded), finite)
         finite_flags.append(finite)
@@ -210,11 +219,6 @@ class SweepLoop(TestLoop):
             for index, point in enumerate(self.points):
                 overrides = pipeline_overrides(model._pipeline_kwargs, point)
                 variant = model.with_pipeline(**overrides)
-                if variant._block_edits != model._block_edits:
-                    raise ValueError(
-                        f'grid point {point}: self-attention enhancement of blocks before '
-                        'the last (self_attn_enhancement_cfg.layers) changes the encoding, '
-                        'which a sweep shares; vary it in separate runs.')
                 key = repr(sorted(_effective(variant._pipeline_kwargs).items()))
                 keyed.setdefault(key, (variant, []))[1].append(index)
         finally:

@@ -3,7 +3,7 @@ import pytest
 import torch
 from mmseg.registry import MODELS
 
-from mmseg_selfattn.sweep import SweepLoop
+from mmseg_selfattn.sweep import predict_variants
 
 from conftest import TINY_ARCH  # 3 blocks: 0, 1, and the dense last block 2
 
@@ -94,9 +94,14 @@ def test_log_line_lists_layers(log_records):
             'mode=feature, layers=[0, -1]') in log_records
 
 
-def test_a_sweep_refuses_points_that_change_earlier_blocks():
-    model = build()
-    loop = SweepLoop.__new__(SweepLoop)
-    loop.points = [{'self_attn_enhancement_cfg.layers': [0, -1]}]
-    with pytest.raises(ValueError, match='changes the encoding'):
-        loop._variants(model)
+def test_sweep_variants_with_other_layers_get_their_own_encoding():
+    base = build()
+    variants = [base.with_pipeline(self_attn_enhancement_cfg=cfg) for cfg in (
+        dict(min_self_attn_threshold=0.9), dict(min_self_attn_threshold=0.9, layers=[0, -1]),
+        dict(min_self_attn_threshold=0.9, layers=[1], mode='attention'))]
+    inputs = torch.randn(1, 3, 40, 56)
+    swept = [samples[0].seg_logits.data.clone()
+             for samples in predict_variants(variants, inputs, None)]
+    for variant, probs in zip(variants, swept):
+        assert torch.equal(probs, variant.predict(inputs)[0].seg_logits.data)
+    assert not torch.equal(swept[0], swept[1]) and not torch.equal(swept[1], swept[2])
