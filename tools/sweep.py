@@ -110,7 +110,7 @@ def fingerprint(cfg: Config, points: list, world_size: int) -> str:
 
 
 def write_tables(grid: Dict[str, list], points: list, metrics: list, work_dir: Path,
-                 title: str) -> str:
+                 title: str, config: str = 'CONFIG') -> str:
     order = sorted(range(len(points)), key=lambda i: -metrics[i].get('mIoU', float('-inf')))
     header = ['rank', 'point', *grid, *METRICS]
     rows = [[str(rank), str(index)] + [format_value(points[index][key]) for key in grid]
@@ -124,7 +124,7 @@ def write_tables(grid: Dict[str, list], points: list, metrics: list, work_dir: P
     lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
     lines += ['', f"best: point {best}, mIoU {metrics[best].get('mIoU', float('nan')):.2f}; "
               'reproduce with', '', '```bash',
-              f'python tools/test.py CONFIG --cfg-options {cfg_options(points[best])}', '```']
+              f'python tools/test.py {config} --cfg-options {cfg_options(points[best])}', '```']
     text = '\n'.join(lines) + '\n'
     (work_dir / 'sweep.md').write_text(text)
     (work_dir / 'sweep.json').write_text(json.dumps(
@@ -159,7 +159,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                  f'{len(runner.test_dataloader.dataset)} images, {seconds:.1f} s'
                  + ('; RANDOM weights: the numbers only show that each point runs'
                     if weights in (None, 'none', 'None') else f'; weights {weights}'))
-        print(write_tables(grid, points, metrics, work_dir, title), flush=True)
+        print(write_tables(grid, points, metrics, work_dir, title, args.config), flush=True)
 
 
 if __name__ == '__main__':
