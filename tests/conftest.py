@@ -1,3 +1,4 @@
+import importlib.util
 import logging
 import os
 import sys
@@ -14,6 +15,17 @@ import mmseg_selfattn  # noqa: E402,F401  (installs the mmcv.ops stand-in first)
 from mmseg_selfattn.clip_loader import load_clip  # noqa: E402
 
 TINY_ARCH = 'ViT-Tiny-8-test'
+
+
+def load_tool(name: str, module_name: str = None):
+    """``tools/<name>.py`` as a module, registered in ``sys.modules`` (under
+    ``module_name``, default ``name``) so that pickling its functions by name works."""
+    module_name = module_name or name
+    spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / 'tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def camvid_root() -> Path:

@@ -1,6 +1,5 @@
 """tools/analyze_attention.py on real CamVid photos with a tiny random CLIP (CPU): the
 report's numbers against values recomputed here from ``model.explain()``."""
-import importlib.util
 import json
 import re
 import shutil
@@ -11,7 +10,7 @@ import torch
 from mmengine.config import Config
 from PIL import Image
 
-from conftest import REPO_ROOT, TINY_ARCH, camvid_root
+from conftest import REPO_ROOT, TINY_ARCH, camvid_root, load_tool
 
 CONFIG = REPO_ROOT / 'configs/selfattn/selfattn-full_vit-b16_camvid.py'
 # the 3-block tiny arch has no layer -4 for similarity enhancement; min_ratio set to test
@@ -24,15 +23,7 @@ EPS = 1e-6  # outlier_suppression's default eps
 STRENGTH, TAU = 0.1, 0.15  # self_attn_enhancement defaults
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location('analyze_attention',
-                                                  REPO_ROOT / 'tools/analyze_attention.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = load_tool()
+TOOL = load_tool('analyze_attention')
 
 
 def analyze(out_dir, *args):

@@ -1,25 +1,15 @@
 """tools/check_data.py on fabricated benchmarks (tools/fabricate_benchmarks.py)."""
-import importlib.util
 import shutil
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_tool
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # --nproc > 1 pickles check_data.read_label_map by name
-    spec.loader.exec_module(module)
-    return module
-
-
-check_data = _load_tool('check_data')
-fabricate_benchmarks = _load_tool('fabricate_benchmarks')
+check_data = load_tool('check_data')  # --nproc > 1 pickles its functions by name
+fabricate_benchmarks = load_tool('fabricate_benchmarks')
 
 ADE_CONFIG = REPO_ROOT / 'configs/methods/naclip/naclip_vit-b16_ade20k.py'
 VOC_CONFIG = REPO_ROOT / 'configs/methods/naclip/naclip_vit-b16_voc21.py'

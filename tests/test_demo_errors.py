@@ -1,6 +1,5 @@
 """tools/demo.py on bad input: one clear line naming the argument or file, and distinct
 outputs for inputs that share a file stem. Runs the tool in-process (tiny random CLIP)."""
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -8,17 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_tool
+
 TINY = ['--pretrained', 'none', '--device', 'cpu', '--classes', 'sky;tree;person',
         '--cfg-options', 'model.clip.arch=ViT-Tiny-8-test', 'model.similarity_enhancement_cfg.layer=-2']
 
 
 @pytest.fixture(scope='module')
 def demo():
-    spec = importlib.util.spec_from_file_location('demo_tool', REPO_ROOT / 'tools/demo.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('demo', 'demo_tool')
 
 
 def run_demo(demo, monkeypatch, *args: str) -> None:

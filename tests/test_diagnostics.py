@@ -1,7 +1,6 @@
 """mmseg_selfattn/diagnostics.py: the sheet's panels show the explain() maps they name, and
 the summary's numbers equal those recomputed here from the recorded stage tensors; then
 ``tools/demo.py --diagnostics --json`` end to end (tiny random CLIP, in-process)."""
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from mmseg_selfattn.diagnostics import (NOISE_GREY, RANDOM_WEIGHTS_NOTE, diagnos
                                         diagnostics_summary)
 from mmseg_selfattn.stages.outlier_suppression import rank_outliers
 
-from conftest import TINY_ARCH
+from conftest import TINY_ARCH, load_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLIP_MEAN, CLIP_STD = [122.771, 116.746, 104.094], [68.501, 66.632, 70.323]
@@ -256,10 +255,7 @@ def test_summary_with_every_stage_off(explained_off):
 # -- tools/demo.py --diagnostics --json --------------------------------------------------------
 @pytest.fixture(scope='module')
 def demo():
-    spec = importlib.util.spec_from_file_location('demo_tool', REPO_ROOT / 'tools/demo.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('demo', 'demo_tool')
 
 
 def save_image(path: Path, seed: int) -> str:

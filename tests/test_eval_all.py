@@ -2,7 +2,6 @@
 tiny random CLIP: the table, resuming after a real kill, failing entries, fingerprints."""
 import contextlib
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -16,19 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, TINY_ARCH
+from conftest import REPO_ROOT, TINY_ARCH, load_tool
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_all = _load_tool('eval_all')
-fabricate_benchmarks = _load_tool('fabricate_benchmarks')
+eval_all = load_tool('eval_all')
+fabricate_benchmarks = load_tool('fabricate_benchmarks')
 
 FAST = ['--cfg-options', f'model.clip.arch={TINY_ARCH}', 'model.clip.pretrained=None',
         'test_dataloader.num_workers=0', 'test_dataloader.persistent_workers=False']

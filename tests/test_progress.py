@@ -1,28 +1,18 @@
 """Progress with ETAs (mmseg_selfattn/progress.py): the test-loop hook, and the per-entry
 lines of tools/eval_all.py."""
 import contextlib
-import importlib.util
 import io
 import re
-import sys
 from types import SimpleNamespace
 
 import pytest
 from mmengine.config import Config
 
-from conftest import REPO_ROOT, TINY_ARCH
+from conftest import TINY_ARCH, load_tool
 from mmseg_selfattn.progress import ProgressBarHook, RunSetProgress, with_progress
 
 LINE = re.compile(r'^test: +(\d+)% (\d+)/(\d+) images, +[\d.]+ images/s, '
                   r'elapsed [\d:]+, ETA [\d:]+$')
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class Terminal(io.StringIO):

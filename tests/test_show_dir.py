@@ -1,13 +1,12 @@
 """tools/test.py --show-dir: one picture per test image, photo | ground truth | prediction
 painted with the dataset's palette (mmseg_selfattn/visualization.py)."""
-import importlib.util
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT, TINY_ARCH, camvid_root
+from conftest import REPO_ROOT, TINY_ARCH, camvid_root, load_tool
 from mmseg_selfattn.datasets import CamVidDataset
 from mmseg_selfattn.visualization import picture_names, random_weights, render_sample
 
@@ -15,10 +14,7 @@ CAMVID_CONFIG = REPO_ROOT / 'configs/selfattn/selfattn_vit-b16_camvid.py'
 
 
 def load_test_tool():
-    spec = importlib.util.spec_from_file_location('tools_test', REPO_ROOT / 'tools/test.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('test', 'tools_test')  # not 'test': the standard library's package
 
 
 def paint(labels: np.ndarray, palette) -> np.ndarray:

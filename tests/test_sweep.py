@@ -1,8 +1,6 @@
 """tools/sweep.py: one pass, every point equal to its own tools/test.py run; refused keys;
 resuming after an interruption."""
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from mmseg_selfattn import sweep as sweep_module
 from mmseg_selfattn.metrics import CheckedIoUMetric
 from mmseg_selfattn.sweep import check_grid, grid_points, parse_grid, pipeline_overrides
 
-from conftest import REPO_ROOT, TINY_ARCH, camvid_root
+from conftest import REPO_ROOT, TINY_ARCH, camvid_root, load_tool
 
 CONFIG = REPO_ROOT / 'configs/selfattn/selfattn-full_vit-b16_camvid.py'
 # 3 small CamVid photos (short side 96), 6 windows of 8 x 8 patches each
@@ -42,14 +40,6 @@ class AccumulatorRecordingIoUMetric(CheckedIoUMetric):
 
 class Interrupted(Exception):
     """Stands for a kill in the middle of the sweep."""
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 sweep_tool = load_tool('sweep')
