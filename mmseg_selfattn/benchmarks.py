@@ -1,5 +1,7 @@
 """The eight standard benchmarks of training-free CLIP segmentation, in the papers'
 column order, and where each one's data lives."""
+import copy
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -79,3 +81,15 @@ def set_data_dir(cfg: Config, data_dir: Optional[str]) -> Config:
     if root.parts[:1] == (DEFAULT_DATA_DIR, ):
         dataset['data_root'] = str(Path(data_dir).joinpath(*root.parts[1:]))
     return cfg
+
+
+LOADER_ONLY_KEYS = ('num_workers', 'persistent_workers', 'pin_memory')
+
+
+def config_fingerprint(cfg: Config, extra: str = '') -> str:
+    """16 hex digits of everything in ``cfg`` that decides the metrics (not how many
+    loader processes), plus ``extra``: what a resumed run checks before reusing results."""
+    cfg = copy.deepcopy(cfg)
+    for key in LOADER_ONLY_KEYS:
+        cfg.test_dataloader.pop(key, None)
+    return hashlib.sha256((cfg.pretty_text + extra).encode()).hexdigest()[:16]

@@ -9,7 +9,6 @@ are those of ``predict`` with that setting, so its metrics equal a ``tools/test.
 run with it.
 """
 import copy
-import hashlib
 import itertools
 import os
 import os.path as osp
@@ -269,7 +268,3 @@ def skip_batches(loader: DataLoader, batches: int) -> DataLoader:
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                       pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
                       persistent_workers=loader.persistent_workers and loader.num_workers > 0)
-
-
-def fingerprint_of(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

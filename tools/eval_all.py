@@ -18,11 +18,9 @@ gives the elapsed time and an ETA of the whole set; a progress bar of its test l
 goes to stderr unless ``--no-progress``.
 """
 import argparse
-import copy
 import csv
 import functools
 import gc
-import hashlib
 import json
 import os
 import os.path as osp
@@ -41,7 +39,8 @@ import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from mmseg_selfattn.benchmarks import (BENCHMARKS, METHOD_CONFIGS, method_config,  # noqa: E402
+from mmseg_selfattn.benchmarks import (BENCHMARKS, METHOD_CONFIGS,  # noqa: E402
+                                       config_fingerprint, method_config,
                                        set_data_dir)
 from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
 from mmseg_selfattn.progress import RunSetProgress, with_progress  # noqa: E402
@@ -97,18 +96,6 @@ def resolved_config(config: Path, args: argparse.Namespace) -> Config:
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     return set_data_dir(cfg, args.data_root and str(Path(args.data_root).resolve()))
-
-
-LOADER_ONLY_KEYS = ('num_workers', 'persistent_workers', 'pin_memory')
-
-
-def fingerprint(cfg: Config) -> str:
-    """Hash of everything that decides the metrics (not where logs go, how many GPUs or
-    loader processes)."""
-    cfg = copy.deepcopy(cfg)
-    for key in LOADER_ONLY_KEYS:
-        cfg.test_dataloader.pop(key, None)
-    return hashlib.sha256(cfg.pretty_text.encode()).hexdigest()[:16]
 
 
 def evaluate(name: str, cfg: Config, work_dir: Path, launcher: str, progress: bool) -> dict:
@@ -197,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         prefix = f'[eval_all {index}/{len(entries)}] {name}'
         try:
             cfg = resolved_config(config, args)
-            key = fingerprint(cfg)
+            key = config_fingerprint(cfg)  # not where logs go, how many GPUs
             weights.add(str(cfg.model.get('clip', {}).get('pretrained', '?')))
             if result_file.is_file() and not args.rerun:
                 stored = json.loads(result_file.read_text())

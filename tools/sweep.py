@@ -39,14 +39,13 @@ import mmseg_selfattn  # noqa: E402,F401  (mmcv.ops stand-in, registers modules)
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from mmseg_selfattn.benchmarks import set_data_dir  # noqa: E402
+from mmseg_selfattn.benchmarks import config_fingerprint, set_data_dir  # noqa: E402
 from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
 from mmseg_selfattn.progress import with_progress  # noqa: E402
-from mmseg_selfattn.sweep import (cfg_options, check_grid, fingerprint_of,  # noqa: E402
+from mmseg_selfattn.sweep import (cfg_options, check_grid,  # noqa: E402
                                   format_value, grid_points, parse_grid)
 
 METRICS = ('mIoU', 'mAcc', 'aAcc')
-LOADER_ONLY_KEYS = ('num_workers', 'persistent_workers', 'pin_memory')
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -104,9 +103,7 @@ def fingerprint(cfg: Config, points: list, world_size: int) -> str:
     """Config (less loader processes and work dir), grid and world size."""
     cfg = Config(cfg.to_dict())
     cfg.pop('work_dir', None)
-    for key in LOADER_ONLY_KEYS:
-        cfg.test_dataloader.pop(key, None)
-    return fingerprint_of(cfg.pretty_text + repr(points) + str(world_size))
+    return config_fingerprint(cfg, repr(points) + str(world_size))
 
 
 def write_tables(grid: Dict[str, list], points: list, metrics: list, work_dir: Path,
