@@ -147,8 +147,9 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             raise ValueError(f'pretrained={pretrained!r}: CLIP weights are chosen by '
                              "clip=dict(pretrained=...), e.g. clip.pretrained='openai'.")
         self.class_names = self._read_classes(name_path, class_names)
-        self._query_class = query_to_class_index(self.class_names)  # (Q,) class of a query
-        self.synonym_max = SynonymMax(self._query_class.tolist())
+        query_class = query_to_class_index(self.class_names)  # (Q,) class of each query
+        self.register_buffer('_query_class', query_class, persistent=False)  # moves with .to()
+        self.synonym_max = SynonymMax(query_class.tolist())
         self.slide_crop, self.slide_stride = _check_window(slide_crop, slide_stride)
         self.max_crops_per_forward = check_int('max_crops_per_forward', max_crops_per_forward, 1)
         if not (max_merge_elements in (None, 'auto') or (
@@ -236,7 +237,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                     self.self_attn_enhancement.threshold)
             for index, strength in self.self_attn_enhancement.resolve_layers(
                 self.encoder.num_blocks).items()}
-        self._class_tau = self._class_thresholds()
+        self.register_buffer('_class_tau', self._class_thresholds(), persistent=False)
 
     def with_pipeline(self, **overrides) -> 'SelfAttnCLIPSegmentor':
         """A segmentor that shares this one's CLIP (ViT weights, text embeddings, windows)
@@ -365,8 +366,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             return self_attn.deficit(encoded.attention), strength
         plain = self._dense_block(encoded, None, enhanced=False)
         logits = self.classify(plain.float(), encoded.x_cls.float())  # (B, N, Q)
-        tau = self._class_tau.to(logits.device)[self._query_class.to(logits.device)[
-            logits.argmax(dim=-1)]]
+        tau = self._class_tau[self._query_class[logits.argmax(dim=-1)]]
         return self_attention_deficit(encoded.attention, tau), strength
 
     def _class_thresholds(self) -> Optional[Tensor]:
@@ -382,7 +382,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                 f'self_attn_enhancement_cfg.class_thresholds: unknown class(es) {unknown}; '
                 f'the classes are {[synonyms[0] for synonyms in self.class_names]} (or any '
                 'of their synonyms).')
-        tau = torch.full((len(self.class_names), ), float(self_attn.threshold))
+        tau = torch.full((len(self.class_names), ), float(self_attn.threshold),
+                         device=self._query_class.device)
         for name, value in self_attn.class_thresholds.items():
             tau[index[name]] = value
         return tau
@@ -583,26 +584,24 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                                                                                   scaled))
         logits = logits / len(self.test_scales)
         if self.pamr is not None:
-            resized = F.interpolate(images, size=output_size, mode='bilinear')
-            logits = torch.cat([self.pamr(image[None], image_logits[None].to(image.dtype))
-                                for image, image_logits in zip(resized, logits)])
+            logits = self._pamr_refined(images, logits)
         probs, labels = self.segment_logits(logits)
         return probs, labels, finite_per_image(probs)
 
     def _segment_with_pamr(self, images: Tensor, merge: WindowMerge,
                            encoded: Optional[Sequence[EncodedCrops]] = None
                            ) -> Tuple[Tensor, Tensor, Tensor]:
-        """PAMR refines each image's merged query logits with its pixels, resized to the
-        output size; then post-processing."""
-        probs, labels = [], []
-        for image, logits in zip(images, self.merged_logits(images, merge, encoded)):
-            resized = F.interpolate(image[None], size=merge.output_size, mode='bilinear')
-            image_probs, image_labels = self.segment_logits(
-                self.pamr(resized, logits[None].to(resized.dtype)))
-            probs.append(image_probs)
-            labels.append(image_labels)
-        probs = torch.cat(probs)
-        return probs, torch.cat(labels), finite_per_image(probs)
+        """Merged query logits refined by PAMR, then post-processing."""
+        probs, labels = self.segment_logits(
+            self._pamr_refined(images, self.merged_logits(images, merge, encoded)))
+        return probs, labels, finite_per_image(probs)
+
+    def _pamr_refined(self, images: Tensor, logits: Tensor) -> Tensor:
+        """PAMR refines each image's query logits (n, Q, H', W') with its pixels, resized
+        to the logits' size."""
+        resized = F.interpolate(images, size=logits.shape[-2:], mode='bilinear')
+        return torch.cat([self.pamr(image[None], image_logits[None].to(image.dtype))
+                          for image, image_logits in zip(resized, logits)])
 
     def _segment_images(self, images: Tensor, merge: WindowMerge,
                         encoded: Optional[Sequence[EncodedCrops]] = None
