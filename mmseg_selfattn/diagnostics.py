@@ -287,10 +287,7 @@ class _Sheet:
         outliers = self.summary['outliers']
         points = self.maps.outlier_points().numpy()
         ratio = outliers['min_ratio']
-        settings = self.maps.settings
-        enhanced = ('self_attn_enhancement' in settings and settings[
-            'outlier_suppression'].get('score_attention', 'original') == 'enhanced')
-        score = ('Ã[cls,i] / (Ã[i,i] + eps), Ã boosted' if enhanced
+        score = ('Ã[cls,i] / (Ã[i,i] + eps), Ã boosted' if self.maps.outliers_score_enhanced
                  else 'A[cls,i] / (A[i,i] + eps)')
         subtitle = (f'{score}, log scale\n{outliers["total"]} chosen '
                     f'(cyan rings): top_k {outliers["top_k"]} per window'

@@ -60,6 +60,7 @@ class StageMaps:
             ``features_before_debias`` / ``features_after_debias`` (windows, N, D), and
             when their stages are on ``deficit``, ``outlier_scores`` (windows, N),
             ``outlier_indices`` (windows, k), ``ctd_labels`` (windows, N).
+        outliers_score_enhanced: whether ``outlier_score`` is of Ã (prevention) or of A.
     """
     image: np.ndarray
     class_names: List[Tuple[str, ...]]
@@ -70,6 +71,7 @@ class StageMaps:
     window_boxes: Tensor
     settings: Dict[str, dict]
     recorded: Dict[str, Tensor]
+    outliers_score_enhanced: bool = False
     _layout: dict = field(default_factory=dict, repr=False)
 
     def window_mosaic(self, name: str) -> Tensor:
@@ -196,4 +198,5 @@ def _stage_maps(model, tensors: Dict[str, Tensor], sample, image: np.ndarray,
                      labels=sample.pred_sem_seg.data[0].cpu(), maps=cpu(maps),
                      windows=cpu(windows), window_boxes=boxes,
                      settings=dict(model.stage_settings), recorded=cpu(tensors),
+                     outliers_score_enhanced=model.outliers_score_enhanced,
                      _layout=layout)

@@ -320,14 +320,18 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         self._check('classify', logits)
         return logits.transpose(1, 2).unflatten(-1, encoded.grid)
 
+    @property
+    def outliers_score_enhanced(self) -> bool:
+        """Whether outlier suppression scores with Ã, the attention self-attention
+        enhancement boosted (``score_attention='enhanced'``, SPEC §1.4), not A."""
+        self_attn = self.self_attn_enhancement
+        return (getattr(self.outlier_suppression, 'score_attention', 'original') == 'enhanced'
+                and self_attn is not None and not self_attn.is_neutral)
+
     def _score_attention(self, attention: Tensor, deficit: Optional[Tensor],
                          strength) -> Tensor:
-        """The attention outlier suppression scores with: Ã with self-attention
-        enhancement on and ``score_attention='enhanced'`` (SPEC §1.4), else A."""
-        self_attn = self.self_attn_enhancement
-        if (getattr(self.outlier_suppression, 'score_attention', 'original') == 'original'
-                or self_attn is None
-                or self_attn.is_neutral):
+        """The attention outlier suppression scores with: Ã or A."""
+        if not self.outliers_score_enhanced:
             return attention
         return enhanced_attention(attention, deficit, strength)
 

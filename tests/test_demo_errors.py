@@ -10,7 +10,8 @@ from PIL import Image
 from conftest import load_tool
 
 TINY = ['--pretrained', 'none', '--device', 'cpu', '--classes', 'sky;tree;person',
-        '--cfg-options', 'model.clip.arch=ViT-Tiny-8-test', 'model.similarity_enhancement_cfg.layer=-2']
+        '--cfg-options', 'model.clip.arch=ViT-Tiny-8-test',
+        'model.similarity_enhancement_cfg.layer=-2']
 
 
 @pytest.fixture(scope='module')

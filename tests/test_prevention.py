@@ -81,6 +81,7 @@ def test_segmentor_scores_with_the_enhanced_attention_in_both_modes(mode):
     encoded = model.encode_crops(crops)
     deficit = model.self_attn_enhancement.deficit(encoded.attention)
     model.stage_patch_logits(encoded)
+    assert model.outliers_score_enhanced
     expected = model.outlier_suppression.last_scores.clone()
     stage = OutlierSuppression()
     stage(torch.randn(3, 16, 4), enhanced_attention(encoded.attention, deficit, 2.0), (4, 4))
@@ -93,6 +94,7 @@ def test_segmentor_scores_with_the_enhanced_attention_in_both_modes(mode):
     dict(self_attn_enhancement_cfg=dict(enhancement_strength=0.0))])
 def test_original_scores_when_asked_or_without_enhancement(overrides):
     model = build(**overrides)
+    assert not model.outliers_score_enhanced
     encoded = model.encode_crops(torch.randn(2, 3, 32, 32), capture_attention=True)
     model.stage_patch_logits(encoded)
     stage = OutlierSuppression()

@@ -9,9 +9,10 @@ tools/test.py runs), (2) the sweep of the grid (tools/sweep.py's ``SweepLoop``),
 (3) one evaluation per grid point, each a ``with_pipeline`` variant of the model in
 its own test loop (``--separate N`` times only the first N points and extrapolates to
 all of them, saying so). Every loop builds its own dataloader and evaluator. Reports
-the seconds of each test loop (data loading, inference and evaluation included), sweep / one evaluation and separate runs / sweep, checks that each
-separately run point has the sweep's metrics, and the peak memory of the sweep and of
-one evaluation (GPU: max allocated; CPU: max RSS of the process, which only grows).
+the seconds of each test loop (data loading, inference and evaluation included),
+sweep / one evaluation and separate runs / sweep, checks that each separately run point
+has the sweep's metrics, and the peak memory of the sweep and of one evaluation (GPU:
+max allocated; CPU: max RSS of the process, which only grows).
 """
 import argparse
 import gc
@@ -96,7 +97,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     separate_seconds = sum(run['seconds'] for run in separate) * len(points) / count
 
     report = dict(
-        config=args.config, points=len(points), grid={k: list(map(str, v)) for k, v in grid.items()},
+        config=args.config, points=len(points),
+        grid={key: list(map(str, values)) for key, values in grid.items()},
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu',
         one_evaluation_s=one['seconds'], sweep_s=sweep['seconds'],
         separate_runs_s=separate_seconds, separate_runs_timed=count,
