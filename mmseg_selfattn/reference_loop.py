@@ -1,11 +1,12 @@
 """The published methods' way of running CLIP, kept as a yardstick for speed and equality.
 
-SCLIP / NACLIP / ClearCLIP / SC-CLIP convert CLIP to fp16, send the sliding-window
-crops through it one at a time and write the attention of every block by hand
-(``torch.bmm`` + softmax in the model's dtype). ``ReferenceEncoder`` does exactly
-that on the weights of a ``DenseCLIPEncoder`` and offers the same interface, so
-``tools/benchmark.py`` can swap it into a segmentor (with ``max_crops_per_forward=1``)
-and measure our speed-up at equal output.
+SCLIP / NACLIP / ClearCLIP / SC-CLIP convert CLIP to fp16 and send the sliding-window
+crops through it one at a time. Blocks 1..L-1 are CLIP's own residual blocks, whose
+``nn.MultiheadAttention`` takes torch's fused inference path; only the last block is
+written by hand (``torch.bmm`` + softmax in the model's dtype). ``ReferenceEncoder``
+does exactly that on the weights of a ``DenseCLIPEncoder`` and offers the same
+interface, so ``tools/benchmark.py`` can swap it into a segmentor (with
+``max_crops_per_forward=1``) and measure our speed-up at equal output.
 """
 import copy
 import types
@@ -22,7 +23,8 @@ from .sliding_window import WindowMerge, published_slide_inference
 
 
 class ReferenceEncoder(DenseCLIPEncoder):
-    """Hand-written bmm attention in every block, on a copy of the tower in ``dtype``."""
+    """CLIP's own blocks 1..L-1 and a hand-written (bmm) last block, on a copy of the tower
+    in ``dtype``."""
 
     def __init__(self, encoder: DenseCLIPEncoder, dtype: torch.dtype = torch.float16):
         visual = copy.deepcopy(encoder.visual).to(dtype)
@@ -44,10 +46,7 @@ class ReferenceEncoder(DenseCLIPEncoder):
         mid_layers = {self.block_index(layer) for layer in mid_layers}
         mid_features = {}
         for index, block in enumerate(visual.transformer.resblocks[:-1]):
-            q, k, v = self._qkv(block, x)
-            weights = F.softmax(_bmm_logits(q, k), dim=-1)
-            x = x + block.ls_1(self._merge_heads(block, _bmm(weights, v)))
-            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            x = block(x)  # CLIP's block: nn.MultiheadAttention's fused inference path
             if index in mid_layers:
                 mid_features[index] = x[:, 1:]
         last = visual.transformer.resblocks[-1]
@@ -127,7 +126,10 @@ def _published_merged_logits(segmentor: nn.Module, images: Tensor, merge: Window
                                                  [merge.output_size] * len(images)))
 
 
-def _published_segment_images(segmentor: nn.Module, images: Tensor, merge: WindowMerge):
+def _published_segment_images(segmentor: nn.Module, images: Tensor, merge: WindowMerge,
+                              encoded: Optional[Sequence[EncodedCrops]] = None):
     """``_segment_images`` on the published merge: probabilities, labels, finite flags."""
+    if encoded is not None:
+        raise NotImplementedError('the reference loop encodes its crops itself, one at a time')
     probs, labels = segmentor.segment_logits(segmentor.merged_logits(images, merge))
     return probs, labels, finite_per_image(probs)

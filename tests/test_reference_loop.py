@@ -41,3 +41,31 @@ def test_reference_encoder_in_half_precision_is_close():
     assert reference.encoder.visual.proj.dtype == torch.bfloat16
     assert model.encoder.visual.proj.dtype == torch.float32
     assert (model.slide_inference(image) - reference.slide_inference(image)).abs().max() < 0.05
+
+
+def test_reference_loop_runs_clips_own_blocks_one_crop_at_a_time():
+    """Like the published code: blocks 1..L-1 are CLIP's modules (fused MHA path), called
+    once per crop with a batch of one; only the last block is written by hand."""
+    model = build(apply_self_attn_enhancement=True, apply_outlier_suppression=True)
+    reference = reference_loop(model, torch.float32)
+    blocks = reference.encoder.visual.transformer.resblocks
+    batches = {index: [] for index in range(len(blocks))}
+    for index, block in enumerate(blocks):
+        block.register_forward_hook(
+            lambda module, inputs, output, index=index: batches[index].append(len(inputs[0])))
+    reference.slide_inference(torch.randn(3, 40, 56, generator=torch.Generator().manual_seed(2)))
+    windows = 2 * 3  # 40 x 56 with crop 32, stride 16
+    assert all(batches[index] == [1] * windows for index in range(len(blocks) - 1))
+    assert batches[len(blocks) - 1] == []  # the last block is the hand-written one
+
+
+def test_reference_loop_predict_equals_pipeline():
+    stages = {f'apply_{name}': True for name in PIPELINE_STAGES}
+    model = build(prob_thd=0.1, **stages)
+    reference = reference_loop(model, torch.float32)
+    images = torch.randn(2, 3, 40, 56, generator=torch.Generator().manual_seed(3))
+    ours, theirs = model.predict(images), reference.predict(images)
+    for a, b in zip(ours, theirs):
+        assert (a.seg_logits.data - b.seg_logits.data).abs().max() <= 1e-4
+        same = (a.pred_sem_seg.data == b.pred_sem_seg.data).float().mean()
+        assert same >= 0.99
