@@ -49,6 +49,29 @@ def patch_embed_as_matmul(conv: nn.Conv2d, crops: torch.Tensor,
     return F.linear(patches, conv.weight.flatten(1), conv.bias)
 
 
+def standard_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A (B, T, T) fp32: the head mean of softmax(q k^T / sqrt(d)) from (B, H, T, d).
+
+    The scale is applied inside the matmul (before the rounding to q's dtype) and the
+    softmax reads the half-precision logits straight into fp32: three passes over the
+    (B, H, T, T) logits instead of six."""
+    batch, heads, tokens, dim = q.shape
+    logits = torch.baddbmm(q.new_zeros(()), q.reshape(-1, tokens, dim),
+                           k.reshape(-1, tokens, dim).transpose(1, 2), beta=0, alpha=dim**-0.5)
+    # fp32 softmax: the stages divide by A_ii
+    return logits.softmax(dim=-1, dtype=torch.float32).view(batch, heads, tokens,
+                                                            tokens).mean(dim=1)
+
+
+def explicit_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An open_clip residual block written out: LN, qkv, fused attention, out-projection,
+    residual, LN, MLP, residual (what ``torch.compile`` fuses)."""
+    q, k, v = DenseCLIPEncoder._qkv(block, x)
+    heads = F.scaled_dot_product_attention(q, k, v)
+    x = x + block.ls_1(DenseCLIPEncoder._merge_heads(block, heads))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
 class DenseCLIPEncoder(nn.Module):
     """Wraps an open_clip ``VisionTransformer`` (weights shared, not copied).
 
@@ -99,7 +122,8 @@ class DenseCLIPEncoder(nn.Module):
         mid_features = {}
         for index, block in enumerate(blocks[:-1]):
             edit = block_edits.get(index)
-            x = block(x) if edit is None else self._enhanced_block(block, x, *edit)
+            x = self.run_block(block, x) if edit is None else self._enhanced_block(block, x,
+                                                                                  *edit)
             if index in mid_layers:
                 mid_features[index] = x[:, 1:]
         last = blocks[-1]
@@ -111,12 +135,20 @@ class DenseCLIPEncoder(nn.Module):
         cls_token = cls_token + last.ls_2(last.mlp(last.ln_2(cls_token)))
         x_cls = self.visual.ln_post(cls_token[:, 0]) @ self.visual.proj
 
-        attention = None
-        if capture_attention:
-            logits = (q @ k.transpose(-2, -1)).float() * q.shape[-1]**-0.5
-            attention = logits.softmax(dim=-1).mean(dim=1)  # fp32: stages divide by A_ii
+        attention = standard_attention(q, k) if capture_attention else None
         return EncodedCrops(grid=grid, block_input=x, q=q, k=k, v=v, x_cls=x_cls,
                             attention=attention, mid_features=mid_features)
+
+    def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """An earlier block as CLIP runs it (torch's fused attention); ``compile_blocks``
+        swaps in a compiled explicit version."""
+        return block(x)
+
+    def compile_blocks(self) -> None:
+        """Blocks 1..L-1 through ``torch.compile`` of ``explicit_block`` (one graph for
+        all blocks): LayerNorm, residual adds and bias fused into fewer kernels (GPU)."""
+        compiled = torch.compile(explicit_block, fullgraph=True, dynamic=False)
+        self.run_block = lambda block, x: compiled(block, x)
 
     def _enhanced_block(self, block: nn.Module, x: torch.Tensor, mode: str, strength: float,
                         threshold: float) -> torch.Tensor:

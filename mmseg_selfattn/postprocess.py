@@ -18,6 +18,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import postprocess_kernels
+
 
 class SynonymMax:
     """Max over each class's queries (synonyms), one gather and one max per synonym count.
@@ -40,6 +42,7 @@ class SynonymMax:
         self.groups = [(count, classes, [q for cls in classes for q in queries_of[cls]])
                        for count, classes in sorted(classes_by_count.items())]
         self._indices: Dict[str, List[Tuple[int, Tensor, Tensor]]] = {}
+        self._tables: Dict[str, Tensor] = {}
 
     def __call__(self, logits: Tensor) -> Tensor:
         """(n, Q, ...) query logits -> (n, C, ...) class logits."""
@@ -62,6 +65,21 @@ class SynonymMax:
                 for count, classes, queries in self.groups]
         return self._indices[key]
 
+    def synonym_table(self, device: torch.device) -> Tensor:
+        """(S, C) int32 on ``device``: the s-th query of every class, -1 past its last
+        (S = the most synonyms of a class); cached per device."""
+        key = str(device)
+        if key not in self._tables:
+            queries_of = defaultdict(list)
+            for count, classes, queries in self.groups:
+                for index, cls in enumerate(classes):
+                    queries_of[cls] = queries[index * count:(index + 1) * count]
+            table = torch.full((max(map(len, queries_of.values())), self.num_classes), -1,
+                               dtype=torch.int32)
+            for cls, queries in queries_of.items():
+                table[:len(queries), cls] = torch.tensor(queries, dtype=torch.int32)
+            self._tables[key] = table.to(device)
+        return self._tables[key]
 
 def segment(query_logits: Tensor, synonym_max: SynonymMax, logit_scale: float,
             prob_thd: float = 0.0, area_thd: float = 0.0, bg_idx: Optional[int] = 0
@@ -113,6 +131,18 @@ def final_labels(labels: Tensor, unsure: Optional[Tensor], num_classes: int,
     return labels
 
 
+def class_areas(labels: Tensor, num_classes: int) -> Tensor:
+    """(n, C) pixel count of every class in each image's labels (n, H, W)."""
+    if postprocess_kernels.supports(labels):
+        return postprocess_kernels.class_areas(labels, num_classes)
+    flat = labels.flatten(1)
+    # compare-and-count: no bincount host sync, no atomics contending on C bins
+    classes = torch.arange(num_classes, device=labels.device)[:, None]
+    pixels_per_chunk = max(1, 2**26 // (num_classes * flat.shape[0]))  # bounds the bool temporary
+    return sum((chunk[:, None, :] == classes).sum(dim=-1)  # (n, C)
+               for chunk in flat.split(pixels_per_chunk, dim=1))
+
+
 def finite_per_image(probs: Tensor) -> Tensor:
     """(n,) whether each image's probabilities (n, C, H, W) are finite: their sum is finite
     iff every term is (each is at most 1), and a sum needs no full-size temporary."""
@@ -123,11 +153,7 @@ def _drop_small_classes(labels: Tensor, num_classes: int, area_thd: float,
                         bg_idx: int) -> Tensor:
     """Labels of classes covering less than ``area_thd`` of their image -> bg_idx."""
     flat = labels.flatten(1)  # (n, H*W)
-    # compare-and-count: no bincount host sync, no atomics contending on C bins
-    classes = torch.arange(num_classes, device=labels.device)[:, None]
-    pixels_per_chunk = max(1, 2**26 // (num_classes * flat.shape[0]))  # bounds the bool temporary
-    area = sum((chunk[:, None, :] == classes).sum(dim=-1)  # (n, C)
-               for chunk in flat.split(pixels_per_chunk, dim=1))
+    area = class_areas(labels, num_classes)
     too_small = area < area_thd * flat.shape[1]
     too_small[:, bg_idx] = False
     return torch.where(too_small.gather(1, flat).view_as(labels), bg_idx, labels)

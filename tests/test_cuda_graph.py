@@ -97,3 +97,18 @@ def test_sweep_variants_replay_their_own_graphs():
                 assert torch.equal(labels, ref_labels)
     assert not torch.equal(outputs[0][0][0], outputs[1][0][0])  # the variants differ
     assert len(base._graphs) == 4  # one per variant, in the shared cache
+
+
+@needs_cuda
+@pytest.mark.parametrize('precision', ['fp32', 'fp16'])
+def test_compiled_blocks_inside_the_graph_equal_eager(precision):
+    eager = build(precision=precision)
+    fast = build(precision=precision, compile=True, cuda_graph=True)
+    image = torch.randn(2, 3, 40, 56).cuda()
+    tolerance = 1e-4 if precision == 'fp32' else 2e-2
+    for _ in range(2):  # compile + capture, then replay
+        torch.testing.assert_close(fast.predict(image)[0].seg_logits.data,
+                                   eager.predict(image)[0].seg_logits.data, atol=tolerance,
+                                   rtol=0)
+    logits = fast.slide_inference(image[0])  # eager call of the compiled blocks
+    assert (logits - eager.slide_inference(image[0])).abs().max() <= tolerance / 10

@@ -1,0 +1,75 @@
+"""The Triton post-processing kernels (GPU) against the torch code they replace."""
+import pytest
+import torch
+
+from mmseg_selfattn import postprocess_kernels
+from mmseg_selfattn.postprocess import SynonymMax, class_areas, pixel_predictions, segment
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and postprocess_kernels.AVAILABLE),
+    reason='the kernels run on CUDA with Triton')
+
+QUERY_CLASSES = {
+    'one query per class': list(range(21)),
+    'synonyms': [0, 0, 0, 1, 2, 2, 3, 0, 4, 4, 4, 4, 5],
+    'one class': [0, 0, 0],
+    '171 classes': [c for c in range(171) for _ in range(1 + c % 3)],
+}
+
+
+def torch_path(function, *args):
+    postprocess_kernels.ENABLED = False
+    try:
+        return function(*args)
+    finally:
+        postprocess_kernels.ENABLED = True
+
+
+@pytest.mark.parametrize('name', sorted(QUERY_CLASSES))
+@pytest.mark.parametrize('prob_thd', [0.0, 0.4])
+def test_pixel_predictions_kernel_equals_torch(name, prob_thd):
+    synonym_max = SynonymMax(QUERY_CLASSES[name])
+    generator = torch.Generator(device='cuda').manual_seed(0)
+    logits = 0.1 * torch.randn(3, synonym_max.num_queries, 37, 53, device='cuda',
+                               generator=generator)
+    probs, labels, unsure = pixel_predictions(logits, synonym_max, 40.0, prob_thd)
+    ref_probs, ref_labels, ref_unsure = torch_path(pixel_predictions, logits, synonym_max, 40.0,
+                                                   prob_thd)
+    assert probs.shape == ref_probs.shape and labels.dtype == torch.long
+    assert (probs - ref_probs).abs().max() <= 1e-6
+    assert (labels == ref_labels).float().mean() >= 0.999  # near-ties may flip
+    if prob_thd:
+        assert 0 < ref_unsure.float().mean() < 1
+        assert (unsure == ref_unsure).float().mean() >= 0.999
+    else:
+        assert unsure is None and ref_unsure is None
+    again = pixel_predictions(logits, synonym_max, 40.0, prob_thd)
+    assert torch.equal(again[0], probs) and torch.equal(again[1], labels)  # deterministic
+
+
+def test_nan_logits_give_nan_probabilities_of_their_pixel_only():
+    synonym_max = SynonymMax(QUERY_CLASSES['synonyms'])
+    logits = torch.randn(2, synonym_max.num_queries, 9, 11, device='cuda')
+    logits[1, 4, 3, 5] = float('nan')
+    probs = pixel_predictions(logits, synonym_max, 40.0, 0.2)[0]
+    assert torch.isnan(probs[1, :, 3, 5]).all()
+    assert torch.isfinite(probs).sum() == probs.numel() - synonym_max.num_classes
+
+
+@pytest.mark.parametrize('num_classes', [1, 21, 171])
+def test_class_areas_kernel_counts_every_label(num_classes):
+    generator = torch.Generator(device='cuda').manual_seed(1)
+    labels = torch.randint(0, num_classes, (4, 61, 77), device='cuda', generator=generator)
+    labels[2] = 0  # one class only
+    areas = class_areas(labels, num_classes)
+    assert torch.equal(areas.long(), torch_path(class_areas, labels, num_classes).long())
+    assert (areas.sum(dim=1) == 61 * 77).all()
+
+
+def test_segment_with_thresholds_equals_torch():
+    synonym_max = SynonymMax(QUERY_CLASSES['synonyms'])
+    logits = 0.1 * torch.randn(2, synonym_max.num_queries, 40, 60, device='cuda')
+    probs, labels = segment(logits, synonym_max, 40.0, 0.3, 0.2, 0)
+    ref_probs, ref_labels = torch_path(segment, logits, synonym_max, 40.0, 0.3, 0.2, 0)
+    assert (probs - ref_probs).abs().max() <= 1e-6
+    assert (labels == ref_labels).float().mean() >= 0.999
