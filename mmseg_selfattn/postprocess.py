@@ -107,8 +107,13 @@ def pixel_predictions(query_logits: Tensor, synonym_max: SynonymMax, logit_scale
     """The per-pixel part of ``segment``, so that a huge image can run band by band.
 
     Returns class probabilities (n, C, H, W), argmax labels (n, H, W) and, when
-    ``prob_thd`` is set, the unsure pixels (n, H, W) bool (else None).
+    ``prob_thd`` is set, the unsure pixels (n, H, W) bool (else None). On GPU one Triton
+    kernel computes all three (``postprocess_kernels``).
     """
+    if postprocess_kernels.supports(query_logits):
+        return postprocess_kernels.pixel_predictions(
+            query_logits, synonym_max.synonym_table(query_logits.device),
+            synonym_max.num_classes, logit_scale, prob_thd)
     scaled_class_logits = logit_scale * synonym_max(query_logits.float())
     probs = scaled_class_logits.softmax(dim=1)
     labels = probs.argmax(dim=1)
