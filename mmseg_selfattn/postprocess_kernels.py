@@ -37,41 +37,40 @@ if AVAILABLE:
     @triton.jit
     def _pixel_predictions_kernel(logits_ptr, synonyms_ptr, probs_ptr, labels_ptr, unsure_ptr,
                                   pixels, num_queries, num_classes, max_synonyms, scale,
-                                  prob_thd, CLASSES: tl.constexpr, BLOCK: tl.constexpr,
-                                  PROB_THD: tl.constexpr):
+                                  prob_thd, CLASSES: tl.constexpr, QUERIES: tl.constexpr,
+                                  BLOCK: tl.constexpr, PROB_THD: tl.constexpr):
         image = tl.program_id(1).to(tl.int64)
         pixel = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         in_image = pixel < pixels
         classes = tl.arange(0, CLASSES)
         is_class = classes < num_classes
         logits_ptr += image * num_queries * pixels
+        # synonym max: the slot-th synonym of every class at once (no exp in this loop)
         class_max = tl.full((CLASSES, BLOCK), float('-inf'), tl.float32)
-        running_max = tl.full((BLOCK, ), float('-inf'), tl.float32)
-        exp_sum = tl.zeros((BLOCK, ), tl.float32)
-        for slot in range(max_synonyms):  # the slot-th synonym of every class
+        for slot in range(max_synonyms):
             query = tl.load(synonyms_ptr + slot * num_classes + classes, mask=is_class, other=-1)
-            present = (query >= 0)[:, None] & in_image[None, :]
             values = tl.load(logits_ptr + query.to(tl.int64)[:, None] * pixels + pixel[None, :],
-                             mask=present, other=float('-inf'))
+                             mask=(query >= 0)[:, None] & in_image[None, :],
+                             other=float('-inf'))
             class_max = tl.maximum(class_max, values, propagate_nan=tl.PropagateNan.ALL)
-            if PROB_THD:  # online sum of exp(s (l_q - max so far)) over all queries
-                new_max = tl.maximum(running_max, tl.max(values, axis=0))
-                new_max = tl.where(new_max == float('-inf'), 0.0, new_max)  # no query yet
-                exp_sum = (exp_sum * tl.exp(scale * (running_max - new_max))
-                           + tl.sum(tl.where(present, tl.exp(scale * (values - new_max[None, :])),
-                                             0.0), axis=0))
-                running_max = new_max
         class_max = tl.where(in_image[None, :], class_max, 0.0)  # lanes past the image
-        best = tl.max(tl.where(is_class[:, None], class_max, float('-inf')), axis=0)
-        weights = tl.where(is_class[:, None], tl.exp(scale * (class_max - best[None, :])), 0.0)
+        class_max = tl.where(is_class[:, None], class_max, float('-inf'))  # padding rows
+        best = tl.max(class_max, axis=0)
+        weights = tl.exp(scale * (class_max - best[None, :]))  # padding rows: 0
         probs = weights / tl.sum(weights, axis=0)[None, :]
-        probs = tl.where(is_class[:, None], probs, float('-inf'))
-        label = tl.argmax(probs, axis=0, tie_break_left=True)
-        image_probs = probs_ptr + image * num_classes * pixels
-        tl.store(image_probs + classes[:, None] * pixels + pixel[None, :], probs,
-                 mask=is_class[:, None] & in_image[None, :])
+        label = tl.argmax(tl.where(is_class[:, None], probs, -1.0), axis=0, tie_break_left=True)
+        tl.store(probs_ptr + image * num_classes * pixels + classes[:, None] * pixels
+                 + pixel[None, :], probs, mask=is_class[:, None] & in_image[None, :])
         tl.store(labels_ptr + image * pixels + pixel, label.to(tl.int64), mask=in_image)
-        if PROB_THD:
+        if PROB_THD:  # z = sum over all queries of exp(s (l_q - max_q l_q)); best prob = 1 / z
+            exp_sum = tl.zeros((BLOCK, ), tl.float32)
+            for start in range(0, num_queries, QUERIES):
+                rows = start + tl.arange(0, QUERIES)
+                values = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * pixels
+                                 + pixel[None, :],
+                                 mask=(rows < num_queries)[:, None] & in_image[None, :],
+                                 other=float('-inf'))
+                exp_sum += tl.sum(tl.exp(scale * (values - best[None, :])), axis=0)
             tl.store(unsure_ptr + image * pixels + pixel, exp_sum * prob_thd > 1, mask=in_image)
 
     @triton.jit
@@ -91,10 +90,14 @@ def supports(tensor: Tensor) -> bool:
     return ENABLED and tensor.is_cuda
 
 
-def _class_tile(num_classes: int) -> Tuple[int, int]:
-    """(classes padded to a power of 2, pixels per program): tiles of <= 4096 values."""
+# pixel_predictions tiles: (classes, pixels) values per program, and its warps
+TILE, WARPS = 4096, 4
+
+
+def _class_tile(num_classes: int, tile: int = 4096) -> Tuple[int, int]:
+    """(classes padded to a power of 2, pixels per program): tiles of about ``tile``."""
     classes = triton.next_power_of_2(max(num_classes, 2))
-    return classes, max(16, min(256, 4096 // classes))
+    return classes, max(16, min(1024, tile // classes))
 
 
 def pixel_predictions(query_logits: Tensor, synonym_table: Tensor, num_classes: int,
@@ -113,12 +116,13 @@ def pixel_predictions(query_logits: Tensor, synonym_table: Tensor, num_classes: 
     labels = torch.empty((n, height, width), dtype=torch.long, device=logits.device)
     unsure = (torch.empty((n, height, width), dtype=torch.bool, device=logits.device)
               if prob_thd > 0 else None)
-    classes, block = _class_tile(num_classes)
+    classes, block = _class_tile(num_classes, TILE)
     grid = (triton.cdiv(pixels, block), n)
     _pixel_predictions_kernel[grid](
         logits, synonym_table, probs, labels, labels if unsure is None else unsure, pixels,
         logits.shape[1], num_classes, synonym_table.shape[0], float(logit_scale),
-        float(prob_thd), CLASSES=classes, BLOCK=block, PROB_THD=prob_thd > 0)
+        float(prob_thd), CLASSES=classes, QUERIES=max(1, TILE // block), BLOCK=block,
+        PROB_THD=prob_thd > 0, num_warps=WARPS)
     return probs, labels, unsure
 
 
@@ -126,8 +130,7 @@ def class_areas(labels: Tensor, num_classes: int) -> Tensor:
     """(n, C) int32 pixel count of every class in each image's labels (n, H, W)."""
     flat = labels.flatten(1).contiguous()
     areas = torch.zeros((flat.shape[0], num_classes), dtype=torch.int32, device=labels.device)
-    classes, _ = _class_tile(num_classes)
-    block = max(16, min(1024, 16384 // classes))
+    classes, block = _class_tile(num_classes, 16384)
     _class_areas_kernel[(triton.cdiv(flat.shape[1], block), flat.shape[0])](
         flat, areas, flat.shape[1], num_classes, CLASSES=classes, BLOCK=block)
     return areas
