@@ -147,7 +147,10 @@ class DenseCLIPEncoder(nn.Module):
     def compile_blocks(self) -> None:
         """Blocks 1..L-1 through ``torch.compile`` of ``explicit_block`` (one graph for
         all blocks): LayerNorm, residual adds and bias fused into fewer kernels (GPU)."""
-        compiled = torch.compile(explicit_block, fullgraph=True, dynamic=False)
+        # emulate_precision_casts: round between fused ops as eager does (half precision),
+        # so the compiled blocks give eager's numbers, not more precise different ones
+        compiled = torch.compile(explicit_block, fullgraph=True, dynamic=False,
+                                 options={'emulate_precision_casts': True})
         self.run_block = lambda block, x: compiled(block, x)
 
     def _enhanced_block(self, block: nn.Module, x: torch.Tensor, mode: str, strength: float,

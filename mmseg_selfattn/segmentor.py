@@ -19,6 +19,7 @@ from .config_checks import check_choice, check_int, check_number, init_defaults
 from .cuda_graphs import CUDAGraphCache
 from .encoder import DenseCLIPEncoder, EncodedCrops
 from .explain import ImageInput, StageMaps, explain
+from . import postprocess_kernels
 from .pamr import MAX_DILATION, PAMR
 from .postprocess import (SynonymMax, final_labels, finite_per_image, pixel_predictions,
                           segment)
@@ -640,6 +641,13 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         return probs, labels, finite
 
     def _pixel_predictions(self, patch_logits: Tensor, merge: WindowMerge, rows: slice):
+        """Probabilities, labels and unsure pixels of the merged output ``rows``; on GPU
+        merged inside the post-processing kernel (no full-resolution query logits)."""
+        if postprocess_kernels.supports(patch_logits):
+            return postprocess_kernels.merged_pixel_predictions(
+                merge.mosaic(patch_logits), merge.taps(),
+                self.synonym_max.primary_and_extra(patch_logits.device),
+                self.synonym_max.num_classes, self.logit_scale, self.prob_thd, rows)
         return pixel_predictions(merge(patch_logits, rows), self.synonym_max, self.logit_scale,
                                  self.prob_thd)
 

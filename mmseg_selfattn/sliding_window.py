@@ -79,6 +79,7 @@ class WindowMerge:
                                             self.grid[0], device)
         self.col_matrix = self._axis_matrix(self.col_spans, size[1], output_size[1], padded[1],
                                             self.grid[1], device)
+        self._taps = None  # their nonzeros, built on first use
 
     def _axis_matrix(self, spans, size, output_size, padded, grid, device) -> Tensor:
         length = spans[0][1] - spans[0][0]
@@ -112,16 +113,27 @@ class WindowMerge:
         window would spread over the whole image; ``non_finite_pixels`` marks its own
         pixels instead.
         """
-        window_rows, window_cols = len(self.row_spans), len(self.col_spans)
-        logits = patch_logits.float().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-        logits = logits.unflatten(0, (-1, window_rows, window_cols))  # (n, r, c, Q, h, w)
-        n, _, _, queries, h, w = logits.shape
         # (n Q, cols * w, rows * h): the transposed mosaic (a small copy)
-        mosaic_t = logits.permute(0, 3, 2, 5, 1, 4).reshape(n * queries, window_cols * w,
-                                                            window_rows * h)
+        mosaic_t = self.mosaic(patch_logits).transpose(2, 3).flatten(0, 1)
         rows_done = mosaic_t @ self.row_matrix[rows].T  # (n Q, cols * w, H' rows)
         merged = rows_done.transpose(1, 2) @ self.col_matrix.T  # (n Q, H' rows, W')
-        return merged.view(n, queries, *merged.shape[-2:])
+        return merged.view(-1, patch_logits.shape[1], *merged.shape[-2:])
+
+    def mosaic(self, patch_logits: Tensor) -> Tensor:
+        """(n * windows, Q, h, w) patch logits -> the mosaic M (n, Q, rows * h, cols * w),
+        float32, non-finite logits as 0."""
+        logits = patch_logits.float().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        logits = logits.unflatten(0, (-1, len(self.row_spans), len(self.col_spans)))
+        n, rows, cols, queries, h, w = logits.shape  # (n, r, c, Q, h, w)
+        return logits.permute(0, 3, 1, 4, 2, 5).reshape(n, queries, rows * h, cols * w)
+
+    def taps(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The nonzeros of R and C per output row / column: (H', KR) mosaic-row indices
+        (int32) and weights, (W', KC) mosaic-column indices and weights, padded with
+        weight 0 (``postprocess_kernels.merged_pixel_predictions`` merges from them)."""
+        if self._taps is None:
+            self._taps = (*_nonzeros(self.row_matrix), *_nonzeros(self.col_matrix))
+        return self._taps
 
     def non_finite_pixels(self, patch_logits: Tensor, rows: slice = slice(None)) -> Tensor:
         """(n, H' rows, W') bool: the output pixels that a window with a non-finite patch
@@ -159,3 +171,13 @@ def published_slide_inference(segmentor, images: Sequence[Tensor],
             logits = F.interpolate(logits, size=tuple(output_sizes[index]), mode='bilinear')
         outputs.append(logits[0])
     return outputs
+
+
+def _nonzeros(matrix: Tensor) -> Tuple[Tensor, Tensor]:
+    """(rows, K) column indices (int32) and values of each row's nonzeros, K = the most
+    nonzeros of a row, padded with (0, 0.0)."""
+    nonzero = matrix != 0
+    count = int(nonzero.sum(dim=1).max()) if matrix.numel() else 0
+    order = torch.argsort(nonzero.int(), dim=1, descending=True, stable=True)[:, :max(count, 1)]
+    values = matrix.gather(1, order)
+    return torch.where(values != 0, order, 0).int().contiguous(), values.contiguous()
