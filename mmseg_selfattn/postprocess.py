@@ -81,26 +81,6 @@ class SynonymMax:
             self._tables[key] = table.to(device)
         return self._tables[key]
 
-    def primary_and_extra(self, device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
-        """int32 on ``device``: the first query of every class (C,), the other queries and
-        their classes (E,) each (one unused entry when E = 0: kernels get a real pointer);
-        cached per device."""
-        key = f'primary {device}'
-        if key not in self._tables:
-            table = self.synonym_table('cpu')
-            extra = (table[1:] >= 0).nonzero()  # (E, 2): (slot, class), slot-major
-            extra_query, extra_class = table[1:][extra[:, 0], extra[:, 1]], extra[:, 1]
-            if not len(extra):
-                extra_query = extra_class = torch.zeros(1, dtype=torch.int32)
-            self._tables[key] = tuple(t.int().to(device) for t in (table[0], extra_query,
-                                                                    extra_class))
-        return self._tables[key]
-
-    @property
-    def num_extra(self) -> int:
-        """Queries beyond the first of their class."""
-        return self.num_queries - self.num_classes
-
 
 def segment(query_logits: Tensor, synonym_max: SynonymMax, logit_scale: float,
             prob_thd: float = 0.0, area_thd: float = 0.0, bg_idx: Optional[int] = 0

@@ -114,6 +114,7 @@ def reference_loop(segmentor: nn.Module, dtype: torch.dtype = torch.float16):
     reference._modules['encoder'] = ReferenceEncoder(segmentor.encoder, dtype)
     reference.max_crops_per_forward = 1
     reference.cuda_graph = False
+    reference.compile = False  # eager, as the published code
     reference.vit_dtype = dtype
     reference.merged_logits = types.MethodType(_published_merged_logits, reference)
     reference._segment_images = types.MethodType(_published_segment_images, reference)

@@ -19,7 +19,6 @@ from .config_checks import check_choice, check_int, check_number, init_defaults
 from .cuda_graphs import CUDAGraphCache
 from .encoder import DenseCLIPEncoder, EncodedCrops
 from .explain import ImageInput, StageMaps, explain
-from . import postprocess_kernels
 from .pamr import MAX_DILATION, PAMR
 from .postprocess import (SynonymMax, final_labels, finite_per_image, pixel_predictions,
                           segment)
@@ -81,9 +80,10 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         max_crops_per_forward: bounds the crops (of all images of a batch) sent
             through the ViT at once.
         compile: ``torch.compile`` blocks 1..L-1 of the ViT (``explicit_block``: fuses
-            LayerNorm, residual adds and biases; about 9% off the encoder on an H200). The
-            first call of each crop-batch shape compiles (seconds); needs Triton on GPU
-            or a C++ compiler on CPU. Combine with ``cuda_graph``.
+            LayerNorm, residual adds and biases) and stages 2-7 (hundreds of small
+            kernels become a few dozen). The first call of each crop-batch shape
+            compiles (about 20 s on an H200); needs Triton on GPU or a C++ compiler on
+            CPU. Combine with ``cuda_graph``. Outputs differ from eager by rounding.
         cuda_graph: on GPU, capture the whole pipeline of a group of equally sized
             images (crops to labels) as a CUDA graph per group shape and replay it:
             removes the kernel-launch cost that bounds small batches. Ignored on CPU
@@ -191,6 +191,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         for key, value in (('compile', compile), ('cuda_graph', cuda_graph)):
             if not isinstance(value, bool):
                 raise ValueError(f'{key} must be True or False, got {value!r}.')
+        self.compile = compile
         if compile:  # on this encoder instance only (a reference copy stays eager)
             self.encoder.compile_blocks()
         self.cuda_graph = cuda_graph
@@ -284,7 +285,16 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
 
     def stage_patch_logits(self, encoded: EncodedCrops) -> Tensor:
         """Stages 2-7 on encoded crops -> query logits on the patch grid (B, Q, h, w).
-        ``encoded`` is read, not changed (its dense memo aside)."""
+        ``encoded`` is read, not changed (its dense memo aside). With ``compile=True``
+        they run ``torch.compile``d (not while stage timers, ``explain`` or the
+        non-finite trace look inside)."""
+        if (self.compile and self.timer is None and self._recorder is None
+                and self._stage_check is None):
+            self.text_classifier.query_embeddings(self.class_names)  # cached outside the graph
+            return _compiled_stages()(self, encoded)
+        return self._stage_patch_logits(encoded)
+
+    def _stage_patch_logits(self, encoded: EncodedCrops) -> Tensor:
         self_attn = self.self_attn_enhancement
         record = self._recorder  # explain(): keeps the stages' own tensors
         deficit = strength = None
@@ -641,13 +651,6 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         return probs, labels, finite
 
     def _pixel_predictions(self, patch_logits: Tensor, merge: WindowMerge, rows: slice):
-        """Probabilities, labels and unsure pixels of the merged output ``rows``; on GPU
-        merged inside the post-processing kernel (no full-resolution query logits)."""
-        if postprocess_kernels.supports(patch_logits):
-            return postprocess_kernels.merged_pixel_predictions(
-                merge.mosaic(patch_logits), merge.taps(),
-                self.synonym_max.primary_and_extra(patch_logits.device),
-                self.synonym_max.num_classes, self.logit_scale, self.prob_thd, rows)
         return pixel_predictions(merge(patch_logits, rows), self.synonym_max, self.logit_scale,
                                  self.prob_thd)
 
@@ -809,6 +812,18 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                              f'[1, {MAX_DILATION}] (PAMR dilations: each pads the full-size '
                              f'logits by that many pixels per side), got {value!r}.')
         return PAMR(steps, dilations) if steps else None
+
+
+_COMPILED_STAGES = []
+
+
+def _compiled_stages():
+    """``SelfAttnCLIPSegmentor._stage_patch_logits`` through ``torch.compile`` (one per
+    process, built on first use; each segmentor's settings are guards of it)."""
+    if not _COMPILED_STAGES:
+        _COMPILED_STAGES.append(torch.compile(SelfAttnCLIPSegmentor._stage_patch_logits,
+                                              dynamic=False))
+    return _COMPILED_STAGES[0]
 
 
 def _set_prediction(sample: SegDataSample, probs: Tensor, labels: Tensor) -> None:

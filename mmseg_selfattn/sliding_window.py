@@ -79,7 +79,6 @@ class WindowMerge:
                                             self.grid[0], device)
         self.col_matrix = self._axis_matrix(self.col_spans, size[1], output_size[1], padded[1],
                                             self.grid[1], device)
-        self._taps = None  # their nonzeros, built on first use
 
     def _axis_matrix(self, spans, size, output_size, padded, grid, device) -> Tensor:
         length = spans[0][1] - spans[0][0]
@@ -127,14 +126,6 @@ class WindowMerge:
         n, rows, cols, queries, h, w = logits.shape  # (n, r, c, Q, h, w)
         return logits.permute(0, 3, 1, 4, 2, 5).reshape(n, queries, rows * h, cols * w)
 
-    def taps(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The nonzeros of R and C per output row / column: (H', KR) mosaic-row indices
-        (int32) and weights, (W', KC) mosaic-column indices and weights, padded with
-        weight 0 (``postprocess_kernels.merged_pixel_predictions`` merges from them)."""
-        if self._taps is None:
-            self._taps = (*_nonzeros(self.row_matrix), *_nonzeros(self.col_matrix))
-        return self._taps
-
     def non_finite_pixels(self, patch_logits: Tensor, rows: slice = slice(None)) -> Tensor:
         """(n, H' rows, W') bool: the output pixels that a window with a non-finite patch
         logit reaches (its own pixels, not the whole image)."""
@@ -172,12 +163,3 @@ def published_slide_inference(segmentor, images: Sequence[Tensor],
         outputs.append(logits[0])
     return outputs
 
-
-def _nonzeros(matrix: Tensor) -> Tuple[Tensor, Tensor]:
-    """(rows, K) column indices (int32) and values of each row's nonzeros, K = the most
-    nonzeros of a row, padded with (0, 0.0)."""
-    nonzero = matrix != 0
-    count = int(nonzero.sum(dim=1).max()) if matrix.numel() else 0
-    order = torch.argsort(nonzero.int(), dim=1, descending=True, stable=True)[:, :max(count, 1)]
-    values = matrix.gather(1, order)
-    return torch.where(values != 0, order, 0).int().contiguous(), values.contiguous()

@@ -75,35 +75,6 @@ def test_segment_with_thresholds_equals_torch():
     assert (labels == ref_labels).float().mean() >= 0.999
 
 
-MERGE_CASES = {  # image size, output size, crop, stride, query classes, prob_thd, rows
-    'same size, synonyms': ((40, 56), (40, 56), 32, 16, [0, 1, 1, 2, 0, 3, 3, 3], 0.3,
-                            slice(None)),
-    'resized, no synonyms': ((40, 56), (53, 71), 32, 16, list(range(4)), 0.0, slice(None)),
-    'band of rows': ((40, 56), (37, 45), 32, 16, [0, 0, 1], 0.5, slice(5, 17)),
-    'whole image': ((24, 30), (24, 30), 0, 0, [0, 1, 2, 1], 0.4, slice(None)),
-}
-
-
-@pytest.mark.parametrize('name', sorted(MERGE_CASES))
-def test_merged_predictions_kernel_equals_merge_then_torch(name):
-    from mmseg_selfattn.sliding_window import WindowMerge
-    size, output_size, crop, stride, query_classes, prob_thd, rows = MERGE_CASES[name]
-    merge = WindowMerge(size, output_size, crop, stride, (8, 8), 'cuda')
-    synonym_max = SynonymMax(query_classes)
-    patch_logits = 0.1 * torch.randn(2 * merge.num_windows, len(query_classes), *merge.grid,
-                                     device='cuda')
-    probs, labels, unsure = postprocess_kernels.merged_pixel_predictions(
-        merge.mosaic(patch_logits), merge.taps(), synonym_max.primary_and_extra('cuda'),
-        synonym_max.num_classes, 40.0, prob_thd, rows)
-    ref_probs, ref_labels, ref_unsure = torch_path(pixel_predictions, merge(patch_logits, rows),
-                                                   synonym_max, 40.0, prob_thd)
-    assert probs.shape == ref_probs.shape
-    assert (probs - ref_probs).abs().max() <= 1e-5
-    assert (labels == ref_labels).float().mean() >= 0.999
-    if prob_thd:
-        assert (unsure == ref_unsure).float().mean() >= 0.999
-
-
 def test_pipeline_with_kernels_equals_torch_post_processing():
     from mmseg.registry import MODELS
     from conftest import TINY_ARCH
