@@ -149,9 +149,8 @@ class DenseCLIPEncoder(nn.Module):
         all blocks): LayerNorm, residual adds and bias fused into fewer kernels (GPU)."""
         # emulate_precision_casts: round between fused ops as eager does (half precision),
         # so the compiled blocks give eager's numbers, not more precise different ones
-        compiled = torch.compile(explicit_block, fullgraph=True, dynamic=False,
-                                 options={'emulate_precision_casts': True})
-        self.run_block = lambda block, x: compiled(block, x)
+        self.run_block = torch.compile(explicit_block, fullgraph=True, dynamic=False,
+                                       options={'emulate_precision_casts': True})
 
     def _enhanced_block(self, block: nn.Module, x: torch.Tensor, mode: str, strength: float,
                         threshold: float) -> torch.Tensor:

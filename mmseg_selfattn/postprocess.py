@@ -32,6 +32,7 @@ class SynonymMax:
         queries_of = defaultdict(list)
         for query, cls in enumerate(query_class):
             queries_of[int(cls)].append(query)
+        self._queries_of = dict(queries_of)
         self.num_classes = len(queries_of)
         self.num_queries = len(query_class)
         self.is_identity = list(query_class) == list(range(self.num_queries))
@@ -70,13 +71,9 @@ class SynonymMax:
         (S = the most synonyms of a class); cached per device."""
         key = str(device)
         if key not in self._tables:
-            queries_of = defaultdict(list)
-            for count, classes, queries in self.groups:
-                for index, cls in enumerate(classes):
-                    queries_of[cls] = queries[index * count:(index + 1) * count]
-            table = torch.full((max(map(len, queries_of.values())), self.num_classes), -1,
-                               dtype=torch.int32)
-            for cls, queries in queries_of.items():
+            table = torch.full((max(map(len, self._queries_of.values())), self.num_classes),
+                               -1, dtype=torch.int32)
+            for cls, queries in self._queries_of.items():
                 table[:len(queries), cls] = torch.tensor(queries, dtype=torch.int32)
             self._tables[key] = table.to(device)
         return self._tables[key]

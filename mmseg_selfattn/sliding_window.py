@@ -162,4 +162,3 @@ def published_slide_inference(segmentor, images: Sequence[Tensor],
             logits = F.interpolate(logits, size=tuple(output_sizes[index]), mode='bilinear')
         outputs.append(logits[0])
     return outputs
-
