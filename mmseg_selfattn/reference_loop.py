@@ -10,7 +10,7 @@ interface, so ``tools/benchmark.py`` can swap it into a segmentor (with
 """
 import copy
 import types
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Set
 
 import torch
 import torch.nn.functional as F
@@ -134,3 +134,21 @@ def _published_segment_images(segmentor: nn.Module, images: Tensor, merge: Windo
         raise NotImplementedError('the reference loop encodes its crops itself, one at a time')
     probs, labels = segmentor.segment_logits(segmentor.merged_logits(images, merge))
     return probs, labels, finite_per_image(probs)
+
+
+def outlier_choices(segmentor: nn.Module, image: Tensor) -> List[Set[int]]:
+    """The patch indices that outlier suppression chose in each window of one image
+    (``slide_inference``, eager), in window order: the pipeline and the reference loop
+    can be compared choice by choice (``tools/benchmark.py``)."""
+    chosen = []
+
+    def record(outlier_indices=None, **_):
+        if outlier_indices is not None:
+            chosen.extend(set(row[row >= 0].tolist()) for row in outlier_indices)
+
+    segmentor._recorder = record
+    try:
+        segmentor.slide_inference(image)
+    finally:
+        segmentor._recorder = None
+    return chosen

@@ -4,7 +4,7 @@ import torch
 from mmseg.registry import MODELS
 
 from mmseg_selfattn.dense_attention import DENSE_VARIANTS
-from mmseg_selfattn.reference_loop import ReferenceEncoder, reference_loop
+from mmseg_selfattn.reference_loop import ReferenceEncoder, outlier_choices, reference_loop
 from mmseg_selfattn.stages import PIPELINE_STAGES
 
 from conftest import TINY_ARCH
@@ -69,3 +69,14 @@ def test_reference_loop_predict_equals_pipeline():
         assert (a.seg_logits.data - b.seg_logits.data).abs().max() <= 1e-4
         same = (a.pred_sem_seg.data == b.pred_sem_seg.data).float().mean()
         assert same >= 0.99
+
+
+def test_outlier_choices_of_pipeline_and_reference_agree_in_fp32():
+    model = build(apply_outlier_suppression=True, outlier_suppression_cfg=dict(top_k=4))
+    image = torch.randn(3, 40, 56, generator=torch.Generator().manual_seed(4))
+    ours = outlier_choices(model, image)
+    assert len(ours) == 6 and all(len(chosen) == 4 for chosen in ours)  # 6 windows
+    assert outlier_choices(reference_loop(model, torch.float32), image) == ours
+    fewer = outlier_choices(model.with_pipeline(outlier_suppression_cfg=dict(top_k=2)), image)
+    assert all(small < big for small, big in zip(fewer, ours))  # the two highest of the four
+    assert model._recorder is None

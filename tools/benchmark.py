@@ -13,8 +13,9 @@ config, post-processing), after warm-up, CUDA-synchronised. Reported per precisi
 - ms per image of encoding and of every stage (stage timers, batch 1), and the
   overhead of stages 2-6 over the same model with them off;
 - the reference loop (``mmseg_selfattn/reference_loop.py``: fp16/bf16/fp32 copy of CLIP,
-  crops one at a time, bmm attention in every block, like SCLIP/NACLIP), our speed-up
-  over it and the max abs difference of the query logits between the two;
+  crops one at a time through CLIP's own blocks and a hand-written last block, like
+  SCLIP/NACLIP's code), our speed-up over it, the max abs difference of the query logits
+  between the two, and how many outlier choices differ;
 - peak memory (GPU: max_memory_allocated at batch 1; CPU: max RSS of the process).
 """
 import argparse
@@ -39,7 +40,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 
-from mmseg_selfattn.reference_loop import reference_loop  # noqa: E402
+from mmseg_selfattn.reference_loop import outlier_choices, reference_loop  # noqa: E402
 from mmseg_selfattn.sliding_window import sliding_windows  # noqa: E402
 from mmseg_selfattn.stages import PIPELINE_STAGES  # noqa: E402
 
@@ -243,6 +244,11 @@ def measure(args, precision: str) -> dict:
         report['max_abs_logit_diff'] = max((a - b).abs().max().item()
                                            for a, b in zip(ours, theirs))
         report['max_abs_logit'] = max(a.abs().max().item() for a in ours)
+        if model.outlier_suppression is not None:  # discrete choices: a near tie can swap
+            pairs = [(a, b) for image in few for a, b in zip(outlier_choices(model, image),
+                                                             outlier_choices(reference, image))]
+            report['outliers_differing'] = sum(len(a - b) for a, b in pairs)
+            report['outliers_total'] = sum(len(a) for a, _ in pairs)
     if args.scaling:
         report['scaling'] = scaling(model, cfg, args)
     if args.profile:
@@ -302,7 +308,9 @@ def print_report(report: dict) -> None:
         if 'reference_ms' in run:
             print(f"reference loop {run['reference_ms']:.2f} ms/image -> speed-up "
                   f"{run['speedup_latency']:.1f}x (latency), {run['speedup_throughput']:.1f}x "
-                  f"(throughput); max |logit diff| {run['max_abs_logit_diff']:.2e}")
+                  f"(throughput); max |logit diff| {run['max_abs_logit_diff']:.2e}" + (
+                      f" (outlier choices differing: {run['outliers_differing']} of "
+                      f"{run['outliers_total']})" if 'outliers_total' in run else ''))
         if 'stages_overhead_latency' in run:
             print(f"stages 2-6 over the same model with them off: "
                   f"{100 * run['stages_overhead_latency']:+.1f}% (batch 1), "
