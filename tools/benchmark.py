@@ -75,7 +75,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--scaling', action='store_true',
                         help='also images/s vs short side and vs batch size')
     parser.add_argument('--profile', action='store_true',
-                        help='print torch.profiler tables of one batched pass')
+                        help='print the top kernels of one batched pass (CUDA graphs off)')
     parser.add_argument('--json', help='write the report here')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args()
@@ -257,16 +257,26 @@ def measure(args, precision: str) -> dict:
 
 
 def profile(model, images) -> None:
+    """Top kernels of one batched ``predict``, launched eagerly (CUDA graphs off, so that
+    every kernel is visible; ``compile`` stays on), and the total GPU time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     batch = as_batch(images)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
-                                           if images[0].is_cuda else [])
-    with torch_profile(activities=activities) as prof:
-        model.predict(*batch)
+    cuda = images[0].is_cuda
+    graphs, model.cuda_graph = model.cuda_graph, False
+    try:
+        for _ in range(2):  # warm-up (compiles the eager shapes)
+            model.predict(*batch)
         synchronize(images[0].device)
-    sort = 'self_cuda_time_total' if images[0].is_cuda else 'self_cpu_time_total'
-    print(prof.key_averages().table(sort_by=sort, row_limit=25))
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch_profile(activities=activities) as prof:
+            model.predict(*batch)
+            synchronize(images[0].device)
+    finally:
+        model.cuda_graph = graphs
+    sort = 'self_cuda_time_total' if cuda else 'self_cpu_time_total'
+    print(f'\n# profile of one predict of {len(images)} image(s), eager launches')
+    print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=90))
 
 
 def scaling(model, cfg, args) -> dict:
