@@ -49,8 +49,8 @@ def patch_embed_as_matmul(conv: nn.Conv2d, crops: torch.Tensor,
     return F.linear(patches, conv.weight.flatten(1), conv.bias)
 
 
-def standard_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """A (B, T, T) fp32: the head mean of softmax(q k^T / sqrt(d)) from (B, H, T, d).
+def head_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) per head, (B, H, T, T) fp32, from (B, H, T, d).
 
     The scale is applied inside the matmul (before the rounding to q's dtype) and the
     softmax reads the half-precision logits straight into fp32: three passes over the
@@ -59,8 +59,12 @@ def standard_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     logits = torch.baddbmm(q.new_zeros(()), q.reshape(-1, tokens, dim),
                            k.reshape(-1, tokens, dim).transpose(1, 2), beta=0, alpha=dim**-0.5)
     # fp32 softmax: the stages divide by A_ii
-    return logits.softmax(dim=-1, dtype=torch.float32).view(batch, heads, tokens,
-                                                            tokens).mean(dim=1)
+    return logits.softmax(dim=-1, dtype=torch.float32).view(batch, heads, tokens, tokens)
+
+
+def standard_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A (B, T, T) fp32: the head mean of ``head_attention``."""
+    return head_attention(q, k).mean(dim=1)
 
 
 def explicit_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +162,7 @@ class DenseCLIPEncoder(nn.Module):
         'attention' boosts the diagonal of its softmax attention (rows renormalised),
         'feature' scales its output patch tokens by (1 + s e_i)."""
         q, k, v = self._qkv(block, x)
-        probs = ((q @ k.transpose(-2, -1)).float() * q.shape[-1]**-0.5).softmax(dim=-1)
+        probs = head_attention(q, k)
         deficit = self_attention_deficit(probs.mean(dim=1), threshold)
         if mode == 'attention':
             probs = boost_self_attention(probs, deficit, strength)

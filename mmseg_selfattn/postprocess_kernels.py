@@ -95,7 +95,7 @@ def supports(tensor: Tensor) -> bool:
 TILE, WARPS = 2048, 4  # fastest of 2048-16384 x 4-8 warps on an H200 (VOC21, ADE20K)
 
 
-def _class_tile(num_classes: int, tile: int = 4096) -> Tuple[int, int]:
+def _class_tile(num_classes: int, tile: int) -> Tuple[int, int]:
     """(classes padded to a power of 2, pixels per program): tiles of about ``tile``."""
     classes = triton.next_power_of_2(max(num_classes, 2))
     return classes, max(16, min(1024, tile // classes))
