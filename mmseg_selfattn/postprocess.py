@@ -43,7 +43,8 @@ class SynonymMax:
         self.groups = [(count, classes, [q for cls in classes for q in queries_of[cls]])
                        for count, classes in sorted(classes_by_count.items())]
         self._indices: Dict[str, List[Tuple[int, Tensor, Tensor]]] = {}
-        self._tables: Dict[str, Tensor] = {}
+        self._tables: Dict[str, Tuple[Tensor, Tensor, Tensor]] = {}
+        self.num_groups = sum(len(queries) > 1 for queries in self._queries_of.values())
 
     def __call__(self, logits: Tensor) -> Tensor:
         """(n, Q, ...) query logits -> (n, C, ...) class logits."""
@@ -66,16 +67,22 @@ class SynonymMax:
                 for count, classes, queries in self.groups]
         return self._indices[key]
 
-    def synonym_table(self, device: torch.device) -> Tensor:
-        """(S, C) int32 on ``device``: the s-th query of every class, -1 past its last
-        (S = the most synonyms of a class); cached per device."""
+    def kernel_tables(self, device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
+        """The grouping as ``postprocess_kernels`` reads it, int32 on ``device`` (cached):
+        the first query of every class (C,); (class, start, end) of every class with
+        more queries (G, 3), whose other queries are extras[start:end] (E,). Never empty:
+        G and E are padded to 1 (the kernel is told the true G)."""
         key = str(device)
         if key not in self._tables:
-            table = torch.full((max(map(len, self._queries_of.values())), self.num_classes),
-                               -1, dtype=torch.int32)
-            for cls, queries in self._queries_of.items():
-                table[:len(queries), cls] = torch.tensor(queries, dtype=torch.int32)
-            self._tables[key] = table.to(device)
+            first, groups, extras = [], [], []
+            for cls in range(self.num_classes):
+                first.append(self._queries_of[cls][0])
+                if len(self._queries_of[cls]) > 1:
+                    groups.append((cls, len(extras), len(extras) + len(self._queries_of[cls]) - 1))
+                    extras.extend(self._queries_of[cls][1:])
+            self._tables[key] = tuple(
+                torch.tensor(values, dtype=torch.int32, device=device)
+                for values in (first, groups or [(0, 0, 0)], extras or [0]))
         return self._tables[key]
 
 
@@ -109,9 +116,8 @@ def pixel_predictions(query_logits: Tensor, synonym_max: SynonymMax, logit_scale
     kernel computes all three (``postprocess_kernels``).
     """
     if postprocess_kernels.supports(query_logits):
-        return postprocess_kernels.pixel_predictions(
-            query_logits, synonym_max.synonym_table(query_logits.device),
-            synonym_max.num_classes, logit_scale, prob_thd)
+        return postprocess_kernels.pixel_predictions(query_logits, synonym_max, logit_scale,
+                                                     prob_thd)
     scaled_class_logits = logit_scale * synonym_max(query_logits.float())
     probs = scaled_class_logits.softmax(dim=1)
     labels = probs.argmax(dim=1)
@@ -121,6 +127,19 @@ def pixel_predictions(query_logits: Tensor, synonym_max: SynonymMax, logit_scale
                          - torch.logsumexp(logit_scale * query_logits.float(), dim=1))
         unsure = best_log_prob.exp() < prob_thd
     return probs, labels, unsure
+
+
+def merged_pixel_predictions(patch_logits: Tensor, merge, rows: slice,
+                             synonym_max: SynonymMax, logit_scale: float, prob_thd: float = 0.0
+                             ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``pixel_predictions`` of the windows' patch logits merged by ``merge``
+    (``sliding_window.WindowMerge``), output ``rows`` only. On GPU the kernel applies the
+    merge's row taps itself: the full-resolution query logits are never written."""
+    if postprocess_kernels.supports(patch_logits):
+        return postprocess_kernels.pixel_predictions(
+            merge.columns_merged(patch_logits, rows), synonym_max, logit_scale, prob_thd,
+            merge.row_taps(rows))
+    return pixel_predictions(merge(patch_logits, rows), synonym_max, logit_scale, prob_thd)
 
 
 def final_labels(labels: Tensor, unsure: Optional[Tensor], num_classes: int,

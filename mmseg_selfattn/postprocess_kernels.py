@@ -4,10 +4,16 @@ In plain torch, query logits (n, Q, H, W) -> class probabilities, labels and uns
 pixels is a dozen full-resolution passes (synonym gather and max, scale, a strided
 softmax over the class axis, argmax, a log-sum-exp over the queries for ``prob_thd``),
 and the class areas of ``area_thd`` compare every label with every class. At VOC size
-that was a sixth of the pipeline's GPU time on an H200. Here one kernel reads the query
-logits (a second time for ``prob_thd``, from L2) and writes the probabilities, labels
-and unsure flags, and one more reads the labels once to count the class areas (integer
-atomics: deterministic).
+that was a sixth of the pipeline's GPU time on an H200. Here one kernel reads every query
+logit once and writes the probabilities, labels and unsure flags, and one more reads the
+labels once to count the class areas (integer atomics: deterministic).
+
+The pixel kernel reads rows of query logits through row taps: output row y is
+sum_t weight[y, t] * input row tap[y, t]. With the sliding-window merge's taps its input
+is the column-merged mosaic (``WindowMerge.columns_merged``, a few rows per window), so
+the merge's last matrix product happens in registers and the full-resolution query
+logits (2 GB for 64 VOC images) are never written or read. Plain query logits use the
+identity taps.
 
 Same formulas as ``postprocess.pixel_predictions`` (tested against it on GPU):
 
@@ -15,10 +21,12 @@ Same formulas as ``postprocess.pixel_predictions`` (tested against it on GPU):
     p_c    = softmax_c(s m_c)                 (class probabilities)
     label  = argmax_c p_c                     (first of equal maxima)
     unsure = max_q softmax_q(s l)_q < prob_thd, where max_q softmax_q(s l)_q = 1 / z,
-             z = sum_q exp(s (l_q - max_q l_q))
+             z = sum_q exp(s (l_q - max_q l_q))   (accumulated online, one read)
 
-NaN logits give NaN probabilities, as in torch. Only CUDA tensors; without Triton
-(CPU-only installs) ``AVAILABLE`` is False and the torch code runs.
+The first query of every class is read as one (classes, pixels) tile; the other synonyms
+a few rows at a time into their class, so skewed synonym counts (VOC's background has
+26) cost little padding. NaN logits give NaN probabilities, as in torch. Only CUDA tensors;
+without Triton (CPU-only installs) ``AVAILABLE`` is False and the torch code runs.
 """
 from typing import Optional, Tuple
 
@@ -36,43 +44,90 @@ ENABLED = AVAILABLE  # False: always the torch code (tests compare the two)
 if AVAILABLE:
 
     @triton.jit
-    def _pixel_predictions_kernel(logits_ptr, synonyms_ptr, probs_ptr, labels_ptr, unsure_ptr,
-                                  pixels, num_queries, num_classes, max_synonyms, scale,
-                                  prob_thd, CLASSES: tl.constexpr, QUERIES: tl.constexpr,
-                                  BLOCK: tl.constexpr, PROB_THD: tl.constexpr):
+    def _tapped_rows(logits_ptr, offsets, mask, taps_ptr, weights_ptr, values, row_length,
+                     TAPS: tl.constexpr):
+        """values + sum_t weight_t * logits[offsets + tap_t * row_length] (a padding tap
+        repeats a row of its output row with weight 0: a cached read)."""
+        for t in tl.static_range(TAPS):
+            weight = tl.load(weights_ptr + t)
+            row = tl.load(taps_ptr + t).to(tl.int64)
+            values += weight * tl.load(logits_ptr + offsets + row * row_length,
+                                       mask=mask, other=0.0)
+        return values
+
+    @triton.jit
+    def _max_with_nan(values, axis):
+        """tl.max along ``axis``, NaN if any value is NaN (as torch's amax)."""
+        nan = tl.max((values != values).to(tl.int32), axis=axis) > 0
+        return tl.where(nan, float('nan'), tl.max(values, axis=axis))
+
+    @triton.jit
+    def _add_exps(top, exp_sum, values, scale):
+        """Online sum_q exp(s (l_q - top)) over the rows of ``values`` (-inf rows add 0):
+        the new top (running max) and sum."""
+        new_top = tl.maximum(top, tl.max(values, axis=0))
+        exp_sum = (exp_sum * tl.exp(scale * (top - new_top))
+                   + tl.sum(tl.exp(scale * (values - new_top[None, :])), axis=0))
+        return new_top, exp_sum
+
+    @triton.jit
+    def _pixel_predictions_kernel(logits_ptr, taps_ptr, weights_ptr, first_ptr, groups_ptr,
+                                  extras_ptr, probs_ptr, labels_ptr, unsure_ptr, height, width,
+                                  input_rows, num_queries, num_classes, num_groups, scale,
+                                  prob_thd, CLASSES: tl.constexpr, EXTRAS: tl.constexpr,
+                                  TAPS: tl.constexpr, BLOCK: tl.constexpr,
+                                  PROB_THD: tl.constexpr):
+        blocks_per_row = tl.cdiv(width, BLOCK)
+        row = tl.program_id(0) // blocks_per_row
+        column = (tl.program_id(0) % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
+        in_row = column < width
         image = tl.program_id(1).to(tl.int64)
-        pixel = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        in_image = pixel < pixels
+        query_stride = (tl.zeros((), tl.int64) + input_rows) * width  # args of 1 are constexpr
+        logits_ptr += image * num_queries * query_stride
+        taps_ptr += row * TAPS
+        weights_ptr += row * TAPS
         classes = tl.arange(0, CLASSES)
         is_class = classes < num_classes
-        logits_ptr += image * num_queries * pixels
-        # synonym max: the slot-th synonym of every class at once (no exp in this loop)
-        class_max = tl.full((CLASSES, BLOCK), float('-inf'), tl.float32)
-        for slot in range(max_synonyms):
-            query = tl.load(synonyms_ptr + slot * num_classes + classes, mask=is_class, other=-1)
-            values = tl.load(logits_ptr + query.to(tl.int64)[:, None] * pixels + pixel[None, :],
-                             mask=(query >= 0)[:, None] & in_image[None, :],
-                             other=float('-inf'))
-            class_max = tl.maximum(class_max, values, propagate_nan=tl.PropagateNan.ALL)
-        class_max = tl.where(in_image[None, :], class_max, 0.0)  # lanes past the image
+        # the first query of every class: one (classes, pixels) tile
+        first = tl.load(first_ptr + classes, mask=is_class, other=0).to(tl.int64)
+        class_max = _tapped_rows(logits_ptr, first[:, None] * query_stride + column[None, :],
+                                 is_class[:, None] & in_row[None, :], taps_ptr, weights_ptr,
+                                 tl.zeros((CLASSES, BLOCK), tl.float32), width, TAPS)
         class_max = tl.where(is_class[:, None], class_max, float('-inf'))  # padding rows
+        if PROB_THD:  # z = sum_q exp(s (l_q - top)), top = max_q l_q: online, one read
+            top = tl.max(class_max, axis=0)
+            exp_sum = tl.sum(tl.exp(scale * (class_max - top[None, :])), axis=0)
+        # the other synonyms of each class that has more, EXTRAS rows at a time
+        for group in range(num_groups):
+            cls = tl.load(groups_ptr + 3 * group)
+            end = tl.load(groups_ptr + 3 * group + 2)
+            synonym_max = tl.full((BLOCK, ), float('-inf'), tl.float32)
+            for start in range(tl.load(groups_ptr + 3 * group + 1), end, EXTRAS):
+                extra = start + tl.arange(0, EXTRAS)
+                is_extra = extra < end
+                query = tl.load(extras_ptr + extra, mask=is_extra, other=0).to(tl.int64)
+                values = _tapped_rows(logits_ptr, query[:, None] * query_stride + column[None, :],
+                                      is_extra[:, None] & in_row[None, :], taps_ptr, weights_ptr,
+                                      tl.zeros((EXTRAS, BLOCK), tl.float32), width, TAPS)
+                values = tl.where(is_extra[:, None], values, float('-inf'))
+                synonym_max = tl.maximum(synonym_max, _max_with_nan(values, 0),
+                                         propagate_nan=tl.PropagateNan.ALL)
+                if PROB_THD:
+                    top, exp_sum = _add_exps(top, exp_sum, values, scale)
+            class_max = tl.where(classes[:, None] == cls,
+                                 tl.maximum(class_max, synonym_max[None, :],
+                                            propagate_nan=tl.PropagateNan.ALL), class_max)
         best = tl.max(class_max, axis=0)
         weights = tl.exp(scale * (class_max - best[None, :]))  # padding rows: 0
         probs = weights / tl.sum(weights, axis=0)[None, :]
         label = tl.argmax(tl.where(is_class[:, None], probs, -1.0), axis=0, tie_break_left=True)
+        pixel = row * width + column
+        pixels = (tl.zeros((), tl.int64) + height) * width
         tl.store(probs_ptr + image * num_classes * pixels + classes[:, None] * pixels
-                 + pixel[None, :], probs, mask=is_class[:, None] & in_image[None, :])
-        tl.store(labels_ptr + image * pixels + pixel, label.to(tl.int64), mask=in_image)
-        if PROB_THD:  # z = sum over all queries of exp(s (l_q - max_q l_q)); best prob = 1 / z
-            exp_sum = tl.zeros((BLOCK, ), tl.float32)
-            for start in range(0, num_queries, QUERIES):
-                rows = start + tl.arange(0, QUERIES)
-                values = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * pixels
-                                 + pixel[None, :],
-                                 mask=(rows < num_queries)[:, None] & in_image[None, :],
-                                 other=float('-inf'))
-                exp_sum += tl.sum(tl.exp(scale * (values - best[None, :])), axis=0)
-            tl.store(unsure_ptr + image * pixels + pixel, exp_sum * prob_thd > 1, mask=in_image)
+                 + pixel[None, :], probs, mask=is_class[:, None] & in_row[None, :])
+        tl.store(labels_ptr + image * pixels + pixel, label.to(tl.int64), mask=in_row)
+        if PROB_THD:  # best query probability 1 / z < prob_thd
+            tl.store(unsure_ptr + image * pixels + pixel, exp_sum * prob_thd > 1, mask=in_row)
 
     @triton.jit
     def _class_areas_kernel(labels_ptr, areas_ptr, pixels, num_classes, CLASSES: tl.constexpr,
@@ -91,8 +146,11 @@ def supports(tensor: Tensor) -> bool:
     return ENABLED and tensor.is_cuda
 
 
-# pixel_predictions tiles: (classes, pixels) values per program, and its warps
-TILE, WARPS = 2048, 4  # fastest of 2048-16384 x 4-8 warps on an H200 (VOC21, ADE20K)
+# pixel_predictions: (classes, pixels) values per program, values per warp (the warps
+# follow the tile: VOC21 runs 1, ADE20K 4), and the extra synonyms read at once. Fastest
+# of tiles 512-4096 x 1-4 warps x 4-32 extras on an H200 (64 VOC-size images, VOC21 and
+# ADE20K classes, with and without prob_thd).
+TILE, VALUES_PER_WARP, EXTRAS = 1024, 1024, 8
 
 
 def _class_tile(num_classes: int, tile: int) -> Tuple[int, int]:
@@ -101,29 +159,40 @@ def _class_tile(num_classes: int, tile: int) -> Tuple[int, int]:
     return classes, max(16, min(1024, tile // classes))
 
 
-def pixel_predictions(query_logits: Tensor, synonym_table: Tensor, num_classes: int,
-                      logit_scale: float, prob_thd: float = 0.0
+def pixel_predictions(query_logits: Tensor, synonym_max, logit_scale: float,
+                      prob_thd: float = 0.0, row_taps: Optional[Tuple[Tensor, Tensor]] = None
                       ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """``postprocess.pixel_predictions`` in one pass over the query logits.
 
     Args:
-        query_logits: (n, Q, H, W) float32 CUDA.
-        synonym_table: (S, C) int32: the s-th query of each class, -1 past its last.
+        query_logits: (n, Q, K, W) CUDA rows of query logits (float32 is read as is).
+        synonym_max: the ``postprocess.SynonymMax`` of the queries.
+        row_taps: (H, T) int32 input rows and (H, T) float32 weights of each output row
+            (``WindowMerge.row_taps``); None: output row y is input row y.
+
+    Returns:
+        probs (n, C, H, W) float32, labels (n, H, W) long, unsure (n, H, W) bool or None.
     """
     logits = query_logits.float().contiguous()
-    n, _, height, width = logits.shape
-    pixels = height * width
+    n, num_queries, input_rows, width = logits.shape
+    if row_taps is None:
+        row_taps = (torch.arange(input_rows, dtype=torch.int32, device=logits.device)[:, None],
+                    torch.ones((input_rows, 1), device=logits.device))
+    taps, weights = (tensor.contiguous() for tensor in row_taps)
+    height, num_classes = taps.shape[0], synonym_max.num_classes
     probs = logits.new_empty((n, num_classes, height, width))
     labels = torch.empty((n, height, width), dtype=torch.long, device=logits.device)
     unsure = (torch.empty((n, height, width), dtype=torch.bool, device=logits.device)
               if prob_thd > 0 else None)
     classes, block = _class_tile(num_classes, TILE)
-    grid = (triton.cdiv(pixels, block), n)
-    _pixel_predictions_kernel[grid](
-        logits, synonym_table, probs, labels, labels if unsure is None else unsure, pixels,
-        logits.shape[1], num_classes, synonym_table.shape[0], float(logit_scale),
-        float(prob_thd), CLASSES=classes, QUERIES=max(1, TILE // block), BLOCK=block,
-        PROB_THD=prob_thd > 0, num_warps=WARPS)
+    block = min(block, max(16, triton.next_power_of_2(width)))
+    first, groups, extras = synonym_max.kernel_tables(logits.device)
+    _pixel_predictions_kernel[(height * triton.cdiv(width, block), n)](
+        logits, taps, weights, first, groups, extras, probs, labels,
+        labels if unsure is None else unsure, height, width, input_rows, num_queries,
+        num_classes, synonym_max.num_groups, float(logit_scale), float(prob_thd),
+        CLASSES=classes, EXTRAS=min(EXTRAS, classes), TAPS=taps.shape[1], BLOCK=block,
+        PROB_THD=prob_thd > 0, num_warps=max(1, classes * block // VALUES_PER_WARP))
     return probs, labels, unsure
 
 

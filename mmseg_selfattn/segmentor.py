@@ -20,8 +20,9 @@ from .cuda_graphs import CUDAGraphCache
 from .encoder import DenseCLIPEncoder, EncodedCrops
 from .explain import ImageInput, StageMaps, explain
 from .pamr import MAX_DILATION, PAMR
-from .postprocess import (SynonymMax, final_labels, finite_per_image, pixel_predictions,
-                          segment)
+from . import postprocess_kernels
+from .postprocess import (SynonymMax, final_labels, finite_per_image, merged_pixel_predictions,
+                          pixel_predictions, segment)
 from .sliding_window import WindowMerge, pad_to_patch_multiple
 from .stages import PIPELINE_STAGES, build_stage
 from .stages.global_debias import cls_logit_bias
@@ -72,8 +73,9 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         class_names: the class lines themselves, instead of ``name_path``.
         slide_crop / slide_stride: sliding window in pixels; ``slide_crop=0`` runs
             the whole image as one crop.
-        max_merge_elements: bounds the full-resolution query logits merged at once
-            (images x queries x rows x width): bigger outputs are merged and
+        max_merge_elements: bounds the query logits merged at once (images x queries x
+            rows x width): the full-resolution rows on CPU, the column-merged mosaic rows
+            on GPU (whose kernel merges the rows itself). Bigger outputs are merged and
             post-processed in bands of rows, so memory grows with the returned
             probabilities only. 'auto': 2**27 on GPU (batched throughput unchanged),
             2**25 on CPU (bounded RSS); None: no bound.
@@ -487,7 +489,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             images_per_forward = self.max_crops_per_forward // merge.num_windows
             bound = self._merge_bound(images[indices[0]].device)
             if bound is not None:  # merged logits of the group, bounded
-                logits_per_image = self.synonym_max.num_queries * output_size[0] * output_size[1]
+                logits_per_image = (self.synonym_max.num_queries * output_size[1]
+                                    * _merged_rows(merge, images[indices[0]]))
                 images_per_forward = min(images_per_forward, bound // logits_per_image)
             images_per_forward = max(1, images_per_forward)
             for start in range(0, len(indices), images_per_forward):
@@ -630,7 +633,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         what is returned, not with the number of queries."""
         patch_logits = self.window_patch_logits(images, merge, encoded)
         queries, (height, width) = patch_logits.shape[1], merge.output_size
-        bands = self._row_bands(len(images) * queries * width, height, images.device)
+        logits_per_row = -(-len(images) * queries * width * _merged_rows(merge, images) // height)
+        bands = self._row_bands(logits_per_row, height, images.device)
         if len(bands) == 1:
             probs, labels, unsure = self._pixel_predictions(patch_logits, merge, slice(None))
         else:
@@ -651,8 +655,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         return probs, labels, finite
 
     def _pixel_predictions(self, patch_logits: Tensor, merge: WindowMerge, rows: slice):
-        return pixel_predictions(merge(patch_logits, rows), self.synonym_max, self.logit_scale,
-                                 self.prob_thd)
+        return merged_pixel_predictions(patch_logits, merge, rows, self.synonym_max,
+                                        self.logit_scale, self.prob_thd)
 
     def _merge_bound(self, device: torch.device) -> Optional[int]:
         if self.max_merge_elements == 'auto':
@@ -855,6 +859,12 @@ def _check_bg_idx(bg_idx, num_classes: int, needed: bool) -> Optional[int]:
         raise ValueError(f'bg_idx must be a class index in [0, {num_classes - 1}] (it receives '
                          f'the pixels dropped by prob_thd / area_thd), got {bg_idx!r}.')
     return bg_idx
+
+
+def _merged_rows(merge: WindowMerge, images: Tensor) -> int:
+    """Rows of query logits per image that the merge holds at once: the column-merged
+    mosaic's where the GPU kernel merges the rows itself, else the output's."""
+    return merge.mosaic_rows if postprocess_kernels.supports(images) else merge.output_size[0]
 
 
 def _merge_masked(merge: WindowMerge, patch_logits: Tensor) -> Tensor:

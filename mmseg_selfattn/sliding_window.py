@@ -5,8 +5,10 @@ add them into the image, divide by the number of windows covering each pixel and
 resize to the original image (``published_slide_inference``, kept for the reference
 loop). Every one of those steps is linear and separable along rows and columns, so
 ``WindowMerge`` does them all at once: with the windows' patch logits laid out as a
-mosaic M (window rows x window columns), Y = R M C^T with fixed matrices R and C, i.e.
-two plain matrix products from the patch logits to the output.
+mosaic M (window rows x window columns), Y = R (M C^T) with fixed matrices R and C, i.e.
+two plain matrix products from the patch logits to the output. Each output row mixes only
+a few rows of M C^T (bilinear taps), so on GPU the post-processing kernel applies R
+itself (``row_taps``) and the full-resolution query logits are never written.
 """
 from typing import List, Optional, Sequence, Tuple
 
@@ -79,6 +81,9 @@ class WindowMerge:
                                             self.grid[0], device)
         self.col_matrix = self._axis_matrix(self.col_spans, size[1], output_size[1], padded[1],
                                             self.grid[1], device)
+        self.mosaic_rows = self.row_matrix.shape[1]
+        self._row_taps = _nonzero_taps(self.row_matrix)
+        self._row_taps_cpu = self._row_taps[0].cpu()  # band spans without a device sync
 
     def _axis_matrix(self, spans, size, output_size, padded, grid, device) -> Tensor:
         length = spans[0][1] - spans[0][0]
@@ -104,19 +109,31 @@ class WindowMerge:
 
     def __call__(self, patch_logits: Tensor, rows: slice = slice(None)) -> Tensor:
         """(n * windows, Q, h, w) patch-grid logits -> (n, Q, H', W') merged logits, or
-        only the output ``rows`` (a band of a huge image).
+        only the output ``rows`` (a band of a huge image): Y = R (M C^T).
 
-        The windows' patch logits of each image and query are laid side by side as a
-        (rows * h, cols * w) mosaic M; then Y = R M C^T, two plain matrix products.
         Non-finite logits count as 0 here: in a matrix product 0 x NaN is NaN, so one bad
         window would spread over the whole image; ``non_finite_pixels`` marks its own
         pixels instead.
         """
-        # (n Q, cols * w, rows * h): the transposed mosaic (a small copy)
-        mosaic_t = self.mosaic(patch_logits).transpose(2, 3).flatten(0, 1)
-        rows_done = mosaic_t @ self.row_matrix[rows].T  # (n Q, cols * w, H' rows)
-        merged = rows_done.transpose(1, 2) @ self.col_matrix.T  # (n Q, H' rows, W')
-        return merged.view(-1, patch_logits.shape[1], *merged.shape[-2:])
+        span = self.mosaic_span(rows)
+        return self.row_matrix[rows, span] @ self.columns_merged(patch_logits, rows)
+
+    def columns_merged(self, patch_logits: Tensor, rows: slice = slice(None)) -> Tensor:
+        """M C^T (n, Q, mosaic rows, W'), float32: the windows merged along columns, one
+        GEMM; only the mosaic rows that the output ``rows`` read (``mosaic_span``)."""
+        return self.mosaic(patch_logits)[:, :, self.mosaic_span(rows)] @ self.col_matrix.T
+
+    def row_taps(self, rows: slice = slice(None)) -> Tuple[Tensor, Tensor]:
+        """R[rows] as taps: (H' rows, T) int32 rows of ``columns_merged(..., rows)`` and
+        their (H' rows, T) float32 weights; output row y = sum_t weight[y, t] * row tap[y, t]
+        (a row with fewer taps repeats one with weight 0)."""
+        taps, weights = self._row_taps
+        return taps[rows] - self.mosaic_span(rows).start, weights[rows]
+
+    def mosaic_span(self, rows: slice = slice(None)) -> slice:
+        """The mosaic rows that the output ``rows`` read."""
+        taps = self._row_taps_cpu[rows]
+        return slice(int(taps.min()), int(taps.max()) + 1) if taps.numel() else slice(0, 0)
 
     def mosaic(self, patch_logits: Tensor) -> Tensor:
         """(n * windows, Q, h, w) patch logits -> the mosaic M (n, Q, rows * h, cols * w),
@@ -134,6 +151,18 @@ class WindowMerge:
         reached = (_reach(self.row_matrix[rows], len(self.row_spans)) @ bad_windows
                    @ _reach(self.col_matrix, len(self.col_spans)).T)
         return reached > 0
+
+
+def _nonzero_taps(matrix: Tensor) -> Tuple[Tensor, Tensor]:
+    """(rows, T) int32 column indices of each row's nonzeros, ascending, and their values,
+    T = the most nonzeros of a row; shorter rows repeat their first index with weight 0."""
+    nonzero = matrix != 0
+    taps = max(1, int(nonzero.sum(dim=1).max()))
+    columns = nonzero.int().argsort(dim=1, descending=True, stable=True)[:, :taps]
+    is_tap = nonzero.gather(1, columns)
+    weights = torch.where(is_tap, matrix.gather(1, columns), 0.0)
+    columns = torch.where(is_tap, columns, columns[:, :1])
+    return columns.int().contiguous(), weights.contiguous()
 
 
 def _reach(axis_matrix: Tensor, windows: int) -> Tensor:

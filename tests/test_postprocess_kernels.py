@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from mmseg_selfattn import postprocess_kernels
-from mmseg_selfattn.postprocess import SynonymMax, class_areas, pixel_predictions, segment
+from mmseg_selfattn.postprocess import (SynonymMax, class_areas, merged_pixel_predictions,
+                                        pixel_predictions, segment)
+from mmseg_selfattn.sliding_window import WindowMerge
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and postprocess_kernels.AVAILABLE),
@@ -14,6 +16,7 @@ QUERY_CLASSES = {
     'synonyms': [0, 0, 0, 1, 2, 2, 3, 0, 4, 4, 4, 4, 5],
     'one class': [0, 0, 0],
     '171 classes': [c for c in range(171) for _ in range(1 + c % 3)],
+    'skewed, like VOC21': [0] * 26 + list(range(1, 21)) + [5, 9, 9, 0],
 }
 
 
@@ -47,13 +50,40 @@ def test_pixel_predictions_kernel_equals_torch(name, prob_thd):
     assert torch.equal(again[0], probs) and torch.equal(again[1], labels)  # deterministic
 
 
+@pytest.mark.parametrize('name', ['synonyms', 'skewed, like VOC21'])
+@pytest.mark.parametrize('size, output_size, rows', [
+    ((60, 90), (60, 90), slice(None)),  # VOC-like overlap, no resize
+    ((60, 90), (75, 101), slice(None)),  # resized to the original image
+    ((60, 90), (75, 101), slice(30, 47)),  # one band of a huge image
+])
+def test_kernel_merging_rows_itself_equals_torch_on_merged_logits(name, size, output_size, rows):
+    synonym_max = SynonymMax(QUERY_CLASSES[name])
+    merge = WindowMerge(size, output_size, 32, 16, (8, 8), device='cuda')
+    generator = torch.Generator(device='cuda').manual_seed(2)
+    patch_logits = 0.1 * torch.randn(2 * merge.num_windows, synonym_max.num_queries, *merge.grid,
+                                     device='cuda', generator=generator).half()
+    probs, labels, unsure = merged_pixel_predictions(patch_logits, merge, rows, synonym_max,
+                                                     40.0, 0.2)
+    ref_probs, ref_labels, ref_unsure = torch_path(pixel_predictions, merge(patch_logits, rows),
+                                                   synonym_max, 40.0, 0.2)
+    assert probs.shape == ref_probs.shape == (2, synonym_max.num_classes,
+                                              *torch.empty(output_size)[rows].shape)
+    assert (probs - ref_probs).abs().max() <= 1e-5
+    assert (labels == ref_labels).float().mean() >= 0.999
+    assert 0 < ref_unsure.float().mean() < 1 and (unsure == ref_unsure).float().mean() >= 0.999
+    again = merged_pixel_predictions(patch_logits, merge, rows, synonym_max, 40.0, 0.2)
+    assert all(torch.equal(a, b) for a, b in zip(again, (probs, labels, unsure)))
+
+
 def test_nan_logits_give_nan_probabilities_of_their_pixel_only():
     synonym_max = SynonymMax(QUERY_CLASSES['synonyms'])
     logits = torch.randn(2, synonym_max.num_queries, 9, 11, device='cuda')
-    logits[1, 4, 3, 5] = float('nan')
-    probs = pixel_predictions(logits, synonym_max, 40.0, 0.2)[0]
-    assert torch.isnan(probs[1, :, 3, 5]).all()
-    assert torch.isfinite(probs).sum() == probs.numel() - synonym_max.num_classes
+    logits[1, 4, 3, 5] = float('nan')  # the first query of class 2
+    logits[0, 10, 2, 2] = float('nan')  # a later synonym of class 4
+    probs, _, unsure = pixel_predictions(logits, synonym_max, 40.0, 0.2)
+    assert torch.isnan(probs[1, :, 3, 5]).all() and torch.isnan(probs[0, :, 2, 2]).all()
+    assert torch.isfinite(probs).sum() == probs.numel() - 2 * synonym_max.num_classes
+    assert torch.equal(unsure, torch_path(pixel_predictions, logits, synonym_max, 40.0, 0.2)[2])
 
 
 @pytest.mark.parametrize('num_classes', [1, 21, 171])

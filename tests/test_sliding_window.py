@@ -56,3 +56,29 @@ def test_linear_resize_matrix_is_bilinear():
     torch.testing.assert_close(rows @ x[0, 0] @ cols.T,
                                F.interpolate(x, size=(17, 4), mode='bilinear')[0, 0],
                                atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize('size, output_size, crop, stride', [
+    ((50, 70), (50, 70), 32, 16),
+    ((50, 70), (75, 105), 32, 16),
+    ((50, 70), (31, 44), 32, 24),
+    ((24, 40), (24, 40), 0, 16),
+])
+@pytest.mark.parametrize('rows', [slice(None), slice(0, 1), slice(7, 23), slice(20, None)])
+def test_row_taps_of_the_column_merged_mosaic_give_the_merge(size, output_size, crop, stride,
+                                                             rows):
+    """Output row y = sum_t weight[y, t] * columns_merged[tap[y, t]] (what the GPU kernel
+    computes) for every output band, and the taps hold every nonzero of R."""
+    merge = WindowMerge(size, output_size, crop, stride, (8, 8))
+    patch_logits = torch.randn(2 * merge.num_windows, 3, *merge.grid,
+                               generator=torch.Generator().manual_seed(1))
+    columns = merge.columns_merged(patch_logits, rows)
+    taps, weights = merge.row_taps(rows)
+    assert taps.dtype == torch.int32 and taps.shape == weights.shape
+    assert 0 <= taps.min() and taps.max() < columns.shape[2] <= merge.mosaic_rows
+    tapped = (columns[:, :, taps.long()] * weights[:, :, None]).sum(dim=3)
+    expected = merge(patch_logits, rows)
+    assert tapped.shape == expected.shape == (2, 3, *torch.empty(output_size)[rows].shape)
+    torch.testing.assert_close(tapped, expected, atol=1e-6, rtol=0)
+    nonzeros = (merge.row_matrix[rows] != 0).sum(dim=1)
+    assert torch.equal((weights != 0).sum(dim=1), nonzeros)
