@@ -54,12 +54,18 @@ def head_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
     The scale is applied inside the matmul (before the rounding to q's dtype) and the
     softmax reads the half-precision logits straight into fp32: three passes over the
-    (B, H, T, T) logits instead of six."""
+    (B, H, T, T) logits instead of six. The keys are zero-padded to a multiple of 8
+    (logits -inf, weight 0): rows of 197 tokens would send cuBLAS to its unaligned
+    kernels; the result is a view of the first T columns."""
     batch, heads, tokens, dim = q.shape
-    logits = torch.baddbmm(q.new_zeros(()), q.reshape(-1, tokens, dim),
-                           k.reshape(-1, tokens, dim).transpose(1, 2), beta=0, alpha=dim**-0.5)
+    padded = tokens + -tokens % 8
+    keys = F.pad(k.reshape(-1, tokens, dim), (0, 0, 0, padded - tokens))
+    logits = torch.baddbmm(q.new_zeros(()), q.reshape(-1, tokens, dim), keys.transpose(1, 2),
+                           beta=0, alpha=dim**-0.5)
+    logits[..., tokens:] = float('-inf')
     # fp32 softmax: the stages divide by A_ii
-    return logits.softmax(dim=-1, dtype=torch.float32).view(batch, heads, tokens, tokens)
+    probs = logits.softmax(dim=-1, dtype=torch.float32)[..., :tokens]
+    return probs.view(batch, heads, tokens, tokens)
 
 
 def standard_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
