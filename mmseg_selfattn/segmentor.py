@@ -490,7 +490,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             bound = self._merge_bound(images[indices[0]].device)
             if bound is not None:  # merged logits of the group, bounded
                 logits_per_image = (self.synonym_max.num_queries * output_size[1]
-                                    * _merged_rows(merge, images[indices[0]]))
+                                    * self._merged_rows(merge, images[indices[0]]))
                 images_per_forward = min(images_per_forward, bound // logits_per_image)
             images_per_forward = max(1, images_per_forward)
             for start in range(0, len(indices), images_per_forward):
@@ -633,7 +633,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         what is returned, not with the number of queries."""
         patch_logits = self.window_patch_logits(images, merge, encoded)
         queries, (height, width) = patch_logits.shape[1], merge.output_size
-        logits_per_row = -(-len(images) * queries * width * _merged_rows(merge, images) // height)
+        logits_per_row = -(-len(images) * queries * width * self._merged_rows(merge, images)
+                           // height)
         bands = self._row_bands(logits_per_row, height, images.device)
         if len(bands) == 1:
             probs, labels, unsure = self._pixel_predictions(patch_logits, merge, slice(None))
@@ -657,6 +658,14 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
     def _pixel_predictions(self, patch_logits: Tensor, merge: WindowMerge, rows: slice):
         return merged_pixel_predictions(patch_logits, merge, rows, self.synonym_max,
                                         self.logit_scale, self.prob_thd)
+
+    def _merged_rows(self, merge: WindowMerge, images: Tensor) -> int:
+        """Rows of query logits per image held at once: the column-merged mosaic's where
+        the GPU kernel merges the rows itself, else the output's (PAMR and multi-scale
+        refine or average full-resolution logits)."""
+        fused = (postprocess_kernels.supports(images) and self.pamr is None
+                 and self.test_scales == (1.0, ))
+        return merge.mosaic_rows if fused else merge.output_size[0]
 
     def _merge_bound(self, device: torch.device) -> Optional[int]:
         if self.max_merge_elements == 'auto':
@@ -859,12 +868,6 @@ def _check_bg_idx(bg_idx, num_classes: int, needed: bool) -> Optional[int]:
         raise ValueError(f'bg_idx must be a class index in [0, {num_classes - 1}] (it receives '
                          f'the pixels dropped by prob_thd / area_thd), got {bg_idx!r}.')
     return bg_idx
-
-
-def _merged_rows(merge: WindowMerge, images: Tensor) -> int:
-    """Rows of query logits per image that the merge holds at once: the column-merged
-    mosaic's where the GPU kernel merges the rows itself, else the output's."""
-    return merge.mosaic_rows if postprocess_kernels.supports(images) else merge.output_size[0]
 
 
 def _merge_masked(merge: WindowMerge, patch_logits: Tensor) -> Tensor:

@@ -123,3 +123,23 @@ def test_merge_bound_auto_per_device_and_bad_values():
         with pytest.raises(ValueError, match=r"max_merge_elements must be an int >= 1, "
                                              r"'auto' or None, got"):
             build(max_merge_elements=bad)
+
+
+@pytest.mark.parametrize('full_resolution', [dict(pamr_steps=2), dict(test_scales=(1.0, 0.5))])
+def test_groups_bound_column_merged_rows_only_where_the_gpu_kernel_merges(monkeypatch,
+                                                                          full_resolution):
+    """Where the GPU kernel merges the rows itself, a group holds the column-merged mosaic
+    rows (here 2 windows x 4 patches = 8 of 48 output rows) and so takes 6x the images;
+    PAMR and multi-scale hold full-resolution logits and keep the tighter bound."""
+    from mmseg_selfattn import postprocess_kernels
+    images = [torch.randn(3, 48, 64) for _ in range(8)]
+    bound = 7 * 64 * 48 * 2  # queries x width x output rows x 2 images
+    sizes = {}
+    for name, overrides in (('cpu', {}), ('gpu kernel', {}), ('full', full_resolution)):
+        model = build(max_merge_elements=bound, max_crops_per_forward=1000, **overrides)
+        monkeypatch.setattr(postprocess_kernels, 'supports', lambda _: name != 'cpu')
+        groups = list(model._image_groups(images))
+        merge = groups[0][2]
+        assert merge.mosaic_rows == 8 and merge.output_size == (48, 64)
+        sizes[name] = [len(indices) for indices, _, _ in groups]
+    assert sizes == {'cpu': [2, 2, 2, 2], 'gpu kernel': [8], 'full': [2, 2, 2, 2]}
