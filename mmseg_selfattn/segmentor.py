@@ -74,8 +74,9 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         slide_crop / slide_stride: sliding window in pixels; ``slide_crop=0`` runs
             the whole image as one crop.
         max_merge_elements: bounds the query logits merged at once (images x queries x
-            rows x width): the full-resolution rows on CPU, the column-merged mosaic rows
-            on GPU (whose kernel merges the rows itself). Bigger outputs are merged and
+            rows x width): the full-resolution rows on CPU, with PAMR and with
+            multi-scale, else on GPU the column-merged mosaic rows (the post-processing
+            kernel merges the rows itself). Bigger outputs are merged and
             post-processed in bands of rows, so memory grows with the returned
             probabilities only. 'auto': 2**27 on GPU (batched throughput unchanged),
             2**25 on CPU (bounded RSS); None: no bound.
