@@ -19,10 +19,10 @@ from .config_checks import check_choice, check_int, check_number, init_defaults
 from .cuda_graphs import CUDAGraphCache
 from .encoder import DenseCLIPEncoder, EncodedCrops
 from .explain import ImageInput, StageMaps, explain
-from .pamr import MAX_DILATION, PAMR
 from . import postprocess_kernels
+from .pamr import MAX_DILATION, PAMR
 from .postprocess import (SynonymMax, final_labels, finite_per_image, merged_pixel_predictions,
-                          pixel_predictions, segment)
+                          segment)
 from .sliding_window import WindowMerge, pad_to_patch_multiple
 from .stages import PIPELINE_STAGES, build_stage
 from .stages.global_debias import cls_logit_bias
