@@ -261,13 +261,15 @@ def measure(args, precision: str) -> dict:
     if args.scaling:
         report['scaling'] = scaling(model, cfg, args)
     if args.profile:
-        profile(model, images[:max(args.batch_sizes)])
+        for count in sorted({max(args.batch_sizes), 1}, reverse=True):
+            profile(model, images[:count])
     return report
 
 
 def profile(model, images) -> None:
-    """Top kernels of one batched ``predict``, launched eagerly (CUDA graphs off, so that
-    every kernel is visible; ``compile`` stays on), and the total GPU time."""
+    """Top kernels of one ``predict`` of ``images``, launched eagerly (CUDA graphs off, so
+    that every kernel is visible; ``compile`` stays on), the total GPU time and the number
+    of kernels."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     batch = as_batch(images)
@@ -286,6 +288,10 @@ def profile(model, images) -> None:
     sort = 'self_cuda_time_total' if cuda else 'self_cpu_time_total'
     print(f'\n# profile of one predict of {len(images)} image(s), eager launches')
     print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=90))
+    if cuda:
+        kernels = sum(event.device_type == torch.autograd.DeviceType.CUDA
+                      for event in prof.events())
+        print(f'{kernels} GPU kernels and copies')
 
 
 def scaling(model, cfg, args) -> dict:
