@@ -17,6 +17,16 @@ from mmseg_selfattn.clip_loader import load_clip  # noqa: E402
 TINY_ARCH = 'ViT-Tiny-8-test'
 
 
+def build_tiny_segmentor(**overrides):
+    """The tiny-arch segmentor of the stage tests (3 classes, 32-pixel windows, stride 16),
+    built after seeding 0; ``overrides`` are model keys."""
+    from mmseg.registry import MODELS
+    torch.manual_seed(0)
+    return MODELS.build(dict(dict(
+        type='SelfAttnCLIPSegmentor', clip=dict(arch=TINY_ARCH, pretrained=None),
+        class_names=['sky', 'tree', 'road'], slide_crop=32, slide_stride=16), **overrides))
+
+
 def load_tool(name: str, module_name: str = None):
     """``tools/<name>.py`` as a module, registered in ``sys.modules`` (under
     ``module_name``, default ``name``) so that pickling its functions by name works."""

@@ -3,11 +3,10 @@ import math
 
 import pytest
 import torch
-from mmseg.registry import MODELS
 
 from mmseg_selfattn.stages.self_attn_enhancement import SelfAttentionEnhancement
 
-from conftest import TINY_ARCH
+from conftest import build_tiny_segmentor
 
 
 def attention_rows(rows):
@@ -54,12 +53,9 @@ def test_feature_mode_scales_each_token_by_its_own_strength():
 
 
 def build(**cfg):
-    torch.manual_seed(0)
-    return MODELS.build(dict(
-        type='SelfAttnCLIPSegmentor', clip=dict(arch=TINY_ARCH, pretrained=None),
-        class_names=['sky', 'tree', 'road'], slide_crop=32, slide_stride=16,
+    return build_tiny_segmentor(
         apply_self_attn_enhancement=True, apply_outlier_suppression=True,
-        apply_global_debias=True, self_attn_enhancement_cfg=cfg))
+        apply_global_debias=True, self_attn_enhancement_cfg=cfg)
 
 
 @pytest.mark.parametrize('mode', ['feature', 'attention'])

@@ -1,20 +1,16 @@
 """Layer-wise self-attention enhancement (the seed's extension): earlier ViT blocks."""
 import pytest
 import torch
-from mmseg.registry import MODELS
 
 from mmseg_selfattn.sweep import predict_variants
 
-from conftest import TINY_ARCH  # 3 blocks: 0, 1, and the dense last block 2
+from conftest import build_tiny_segmentor  # TINY_ARCH: 3 blocks, the last is the dense one
 
 
 def build(**sa_cfg):
-    torch.manual_seed(0)
-    return MODELS.build(dict(
-        type='SelfAttnCLIPSegmentor', clip=dict(arch=TINY_ARCH, pretrained=None),
-        class_names=['sky', 'tree', 'road'], slide_crop=32, slide_stride=16,
+    return build_tiny_segmentor(
         apply_self_attn_enhancement=True, apply_global_debias=True,
-        self_attn_enhancement_cfg=dict(min_self_attn_threshold=0.9, **sa_cfg)))
+        self_attn_enhancement_cfg=dict(min_self_attn_threshold=0.9, **sa_cfg))
 
 
 def block_input(model, crops, index):
