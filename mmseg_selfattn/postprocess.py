@@ -76,10 +76,11 @@ class SynonymMax:
         if key not in self._tables:
             first, groups, extras = [], [], []
             for cls in range(self.num_classes):
-                first.append(self._queries_of[cls][0])
-                if len(self._queries_of[cls]) > 1:
-                    groups.append((cls, len(extras), len(extras) + len(self._queries_of[cls]) - 1))
-                    extras.extend(self._queries_of[cls][1:])
+                queries = self._queries_of[cls]
+                first.append(queries[0])
+                if len(queries) > 1:
+                    groups.append((cls, len(extras), len(extras) + len(queries) - 1))
+                    extras.extend(queries[1:])
             self._tables[key] = tuple(
                 torch.tensor(values, dtype=torch.int32, device=device)
                 for values in (first, groups or [(0, 0, 0)], extras or [0]))
