@@ -22,9 +22,9 @@ Connected components, two exact ways to the same roots:
   elementwise work and it takes O(log N) rounds in practice, with one
   convergence test per round.
 - GPU: the transitive closure by ceil(log2 N) boolean matrix squarings (fp16
-  tensor-core matmuls of 0/1 matrices; a positive sum stays positive in any
-  rounding): a fixed amount of work, no host sync, so it can be captured in a
-  CUDA graph.
+  tensor-core matmuls of 0/1 matrices, clamped to 1 in the same Triton kernel,
+  ``kernels.py``): a fixed amount of work, no host sync, so it can be
+  captured in a CUDA graph.
 """
 from typing import Tuple
 
@@ -32,18 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
+from .vectors import cosine_matrix
+
 
 def cosine_distance(features: Tensor) -> Tensor:
     """(B, N, D) -> (B, N, N) cosine distance in [0, 2], as scikit-learn computes it.
 
-    Computed in fp32 or wider; the diagonal is 0 (a point is its own neighbour,
-    also a zero vector).
+    In float32 (float64 for float64 features; ``cosine_matrix``); the diagonal is 0 (a
+    point is its own neighbour, also a zero vector).
     """
-    features = features.to(torch.promote_types(features.dtype, torch.float32))
-    unit = F.normalize(features, dim=-1)  # zero rows stay zero, as sklearn's normalize
-    distance = (1 - unit @ unit.transpose(-1, -2)).clamp_(0, 2)
-    distance.diagonal(dim1=-2, dim2=-1).zero_()
-    return distance
+    return cosine_matrix(features, distance=True)  # zero rows: cosine 0, as sklearn's
 
 
 def connected_components(adjacency: Tensor) -> Tensor:
@@ -65,11 +64,19 @@ def components_by_closure(adjacency: Tensor) -> Tensor:
     2^r >= N - 1 (no host sync)."""
     num = adjacency.shape[-1]
     eye = torch.eye(num, dtype=torch.bool, device=adjacency.device)
-    # fp16 matmul of 0/1 entries on GPU; CPU half matmuls are slow, use fp32 there
-    dtype = torch.float16 if adjacency.is_cuda else torch.float32
-    reach = (adjacency | eye).to(dtype)
-    for _ in range(max(num - 1, 1).bit_length()):
-        reach = torch.bmm(reach, reach).clamp_(max=1)  # 0/1 entries: a path count > 0 stays > 0
+    squarings = max(num - 1, 1).bit_length()
+    if kernels.supports(adjacency):  # one launch per squaring, clamp fused
+        pad = kernels.padded_size(num) - num
+        reach = F.pad((adjacency | eye).half(), (0, pad, 0, pad))
+        for _ in range(squarings):
+            reach = kernels.square_clamped(reach)
+        reach = reach[..., :num, :num]
+    else:
+        # fp16 matmul of 0/1 entries on GPU; CPU half matmuls are slow, use fp32 there
+        reach = (adjacency | eye).to(torch.float16 if adjacency.is_cuda else torch.float32)
+        for _ in range(squarings):
+            # 0/1 entries: a path count > 0 stays > 0
+            reach = torch.bmm(reach, reach).clamp_(max=1)
     index = torch.arange(num, device=adjacency.device)
     return torch.where(reach > 0, index, num).amin(dim=-1)
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..config_checks import check_choice, check_int, check_number
 from ..startup_log import log_enabled
+from . import kernels
 from .vectors import unit_vectors
 
 INTERPOLATIONS = ('mean', 'inverse_cosine')
@@ -59,10 +60,14 @@ def rank_outliers(scores: Tensor, top_k: int, min_ratio: Optional[float] = None)
     With ``min_ratio`` set, ranks whose score is not > min_ratio are -1 (trailing).
     """
     top_k = min(top_k, scores.shape[-1])
-    sorted_scores, order = scores.sort(dim=-1, descending=True, stable=True)
-    indices = order[:, :top_k]
+    if kernels.supports_top_indices(scores):  # one small kernel, no sort
+        indices = kernels.top_indices(scores, top_k)
+        top_scores = scores.gather(1, indices)
+    else:
+        top_scores, order = scores.sort(dim=-1, descending=True, stable=True)
+        indices, top_scores = order[:, :top_k], top_scores[:, :top_k]
     if min_ratio is not None:
-        indices = indices.masked_fill(sorted_scores[:, :top_k] <= min_ratio, -1)
+        indices = indices.masked_fill(top_scores <= min_ratio, -1)
     return indices
 
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..config_checks import check_number
 from ..startup_log import log_enabled
+from .vectors import cosine_matrix
 
 CFG_KEY = 'similarity_enhancement_cfg'
 
@@ -42,16 +43,14 @@ def mid_layer_similarity(mid_features: Sequence[Tensor]) -> Tensor:
         mid_features: one (B, N, C) tensor per mid layer (C may differ per layer).
 
     Returns:
-        S in the dtype of the first layer's features; computed in at least fp32.
-        A zero feature vector has similarity 0 to everything (no NaN).
+        S in the dtype of the first layer's features, computed in float32
+        (``cosine_matrix``). A zero feature vector has similarity 0 to everything (no NaN).
     """
     if len(mid_features) == 0:
         raise ValueError('mid_layer_similarity needs the features of at least one layer.')
-    compute_dtype = torch.promote_types(mid_features[0].dtype, torch.float32)
     similarity = None
     for features in mid_features:
-        unit = F.normalize(features.to(compute_dtype), dim=-1)
-        layer_similarity = unit @ unit.transpose(-2, -1)
+        layer_similarity = cosine_matrix(features)
         similarity = layer_similarity if similarity is None else similarity + layer_similarity
     return (similarity / len(mid_features)).to(mid_features[0].dtype)
 
