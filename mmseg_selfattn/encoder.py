@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from . import attention_kernel
 from .config_checks import check_number
 from .dense_attention import DENSE_VARIANTS, ProbsHook, dense_attention, gaussian_window
 from .stages.self_attn_enhancement import boost_self_attention, self_attention_deficit
@@ -69,7 +70,10 @@ def head_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def standard_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """A (B, T, T) fp32: the head mean of ``head_attention``."""
+    """A (B, T, T) fp32: the head mean of ``head_attention`` (on GPU in one Triton
+    kernel, ``attention_kernel.py``)."""
+    if attention_kernel.supports(q):
+        return attention_kernel.standard_attention(q, k)
     return head_attention(q, k).mean(dim=1)
 
 
