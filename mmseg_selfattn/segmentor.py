@@ -294,7 +294,10 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         if (self.compile and self.timer is None and self._recorder is None
                 and self._stage_check is None):
             self.text_classifier.query_embeddings(self.class_names)  # cached outside the graph
-            return _compiled_stages()(self, encoded)
+            # one graph per crop count and segmentor settings: more than dynamo's default 8
+            # (past it the stages would silently run eagerly)
+            with torch._dynamo.config.patch(recompile_limit=STAGE_GRAPHS):
+                return _compiled_stages()(self, encoded)
         return self._stage_patch_logits(encoded)
 
     def _stage_patch_logits(self, encoded: EncodedCrops) -> Tensor:
@@ -829,6 +832,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
 
 
 _COMPILED_STAGES = []
+STAGE_GRAPHS = 64  # compiled variants of the stages per process
 
 
 def _compiled_stages():
