@@ -26,7 +26,7 @@ import resource
 import statistics
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,7 +75,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--scaling', action='store_true',
                         help='also images/s vs short side and vs batch size')
     parser.add_argument('--profile', action='store_true',
-                        help='print the top kernels of one batched pass (CUDA graphs off)')
+                        help='print the top kernels of one batched pass and of one image '
+                        '(CUDA graphs off), and the kernels the stages add to one image')
     parser.add_argument('--json', help='write the report here')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args()
@@ -242,6 +243,8 @@ def measure(args, precision: str) -> dict:
         report['stages_overhead_latency'] = overhead(model, bare, few, 1, args)
         report['stages_overhead_throughput'] = overhead(model, bare, images,
                                                         max(args.batch_sizes), args)
+        if args.profile and images[0].is_cuda:
+            stage_kernels(model, bare, images[:1])
         del bare
     if not args.no_reference:
         reference = reference_loop(model, DTYPES[precision])
@@ -292,6 +295,42 @@ def profile(model, images) -> None:
         kernels = sum(event.device_type == torch.autograd.DeviceType.CUDA
                       for event in prof.events())
         print(f'{kernels} GPU kernels and copies')
+
+
+def gpu_kernels(model, images, calls: int = 20):
+    """{kernel name: (launches, GPU us)} per ``predict`` of ``images``, as the model runs
+    (inside its CUDA graph replays when ``cuda_graph`` is on)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    batch = as_batch(images)
+    for _ in range(2):
+        model.predict(*batch)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            model.predict(*batch)
+        torch.cuda.synchronize()
+    launches, micros = Counter(), Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            launches[event.name] += 1 / calls
+            micros[event.name] += event.device_time_total / calls
+    return launches, micros
+
+
+def stage_kernels(model, bare, images) -> None:
+    """The GPU kernels that stages 2-6 add to one ``predict``: the model's kernels minus
+    those of the same model with the stages off (CUDA graphs as configured)."""
+    (launches, micros), (bare_launches, bare_micros) = (gpu_kernels(m, images)
+                                                        for m in (model, bare))
+    print(f'\n# kernels per predict of {len(images)} image(s): {sum(launches.values()):.0f} '
+          f'({sum(micros.values()):.0f} us of GPU time), stages off '
+          f'{sum(bare_launches.values()):.0f} ({sum(bare_micros.values()):.0f} us)')
+    print('| us added | launches added | kernel |\n| --- | --- | --- |')
+    names = sorted(set(micros) | set(bare_micros), key=lambda n: bare_micros[n] - micros[n])
+    for name in names[:25]:
+        print(f'| {micros[name] - bare_micros[name]:.1f} | '
+              f'{launches[name] - bare_launches[name]:.0f} | {name[:100]} |')
 
 
 def scaling(model, cfg, args) -> dict:
