@@ -30,15 +30,17 @@ ENABLED = AVAILABLE  # False: always the torch code (tests compare the two)
 MAX_TOKENS = 256  # ViT-B/16 crops of 224 have 197; one program holds a row block's keys
 ROWS = 16  # query rows per program
 PROGRAMS_PER_SM = 4  # with fewer (row block, crop) programs the heads are split
+MAX_GRID_CROPS = 65535
 
 if AVAILABLE:
 
     @triton.jit
     def _standard_attention_kernel(q_ptr, k_ptr, out_ptr, tokens, heads, heads_per_program,
-                                   crops, scale, q_crop, q_head, q_token, k_crop, k_head,
-                                   k_token, DIM: tl.constexpr, ROWS: tl.constexpr,
+                                   crops, first_crop, scale, q_crop, q_head, q_token, k_crop,
+                                   k_head, k_token, DIM: tl.constexpr, ROWS: tl.constexpr,
                                    KEYS: tl.constexpr):
-        crop, group = tl.program_id(1).to(tl.int64), tl.program_id(2)
+        crop = first_crop + tl.program_id(1).to(tl.int64)
+        group = tl.program_id(2)
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         keys = tl.arange(0, KEYS)
         dims = tl.arange(0, DIM)
@@ -80,12 +82,14 @@ def standard_attention(q: Tensor, k: Tensor) -> Tensor:
     groups = triton.cdiv(heads, heads_per_program)
     partial = torch.empty((groups, crops, tokens, tokens), dtype=torch.float32,
                           device=q.device)
-    if crops:
-        keys = max(16, triton.next_power_of_2(tokens))
-        _standard_attention_kernel[(row_blocks, crops, groups)](
-            q, k, partial, tokens, heads, heads_per_program, crops, dim**-0.5, q.stride(0),
-            q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), DIM=dim,
-            ROWS=ROWS, KEYS=keys, num_warps=4)
+    keys = max(16, triton.next_power_of_2(tokens))
+    # the row blocks of a crop run side by side (its keys stay in L2); crops go on grid
+    # axis 1, which holds at most 65,535 programs per launch
+    for first in range(0, crops, MAX_GRID_CROPS):
+        _standard_attention_kernel[(row_blocks, min(MAX_GRID_CROPS, crops - first), groups)](
+            q, k, partial, tokens, heads, heads_per_program, crops, first, dim**-0.5,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            DIM=dim, ROWS=ROWS, KEYS=keys, num_warps=4)
     return partial[0] if groups == 1 else partial.sum(dim=0)
 
 
