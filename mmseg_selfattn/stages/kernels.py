@@ -36,7 +36,7 @@ except ImportError:  # CPU-only installs
 ENABLED = AVAILABLE  # False: always the torch code (tests compare the two)
 TILE = 64  # closure: output tile and inner step
 COSINE_TILE, COSINE_STEP = 64, 64  # half rows take twice the step
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+COSINE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TOP_MAX_TOKENS = 8192  # top_indices: a program compares a chunk of tokens with all N
 
 if AVAILABLE:
@@ -105,9 +105,13 @@ if AVAILABLE:
 
 
 def supports(tensor: Tensor) -> bool:
-    """Whether the kernels run on this tensor (CUDA, and for ``cosine_matrix`` fp16, bf16
-    or float32)."""
-    return ENABLED and tensor.is_cuda and tensor.dtype in KERNEL_DTYPES + (torch.bool, )
+    """Whether the kernels run on this tensor's device."""
+    return ENABLED and tensor.is_cuda
+
+
+def supports_cosine(features: Tensor) -> bool:
+    """Whether ``cosine_matrix`` takes these (B, N, D) features."""
+    return supports(features) and features.dtype in COSINE_DTYPES
 
 
 def padded_size(num: int) -> int:
@@ -151,7 +155,7 @@ def cosine_matrix(rows: Tensor, inverse_norms: Optional[Tensor] = None,
 
 def supports_top_indices(scores: Tensor) -> bool:
     """Whether ``top_indices`` takes these (B, N) scores."""
-    return (ENABLED and scores.is_cuda and scores.dtype == torch.float32
+    return (supports(scores) and scores.dtype == torch.float32
             and scores.shape[-1] <= TOP_MAX_TOKENS)
 
 

@@ -62,12 +62,10 @@ def rank_outliers(scores: Tensor, top_k: int, min_ratio: Optional[float] = None)
     top_k = min(top_k, scores.shape[-1])
     if kernels.supports_top_indices(scores):  # one small kernel, no sort
         indices = kernels.top_indices(scores, top_k)
-        top_scores = scores.gather(1, indices)
     else:
-        top_scores, order = scores.sort(dim=-1, descending=True, stable=True)
-        indices, top_scores = order[:, :top_k], top_scores[:, :top_k]
+        indices = scores.sort(dim=-1, descending=True, stable=True).indices[:, :top_k]
     if min_ratio is not None:
-        indices = indices.masked_fill(top_scores <= min_ratio, -1)
+        indices = indices.masked_fill(scores.gather(1, indices) <= min_ratio, -1)
     return indices
 
 

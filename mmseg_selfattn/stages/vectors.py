@@ -21,7 +21,7 @@ def cosine_matrix(features: Tensor, distance: bool = False) -> Tensor:
     cores); fp16 rows go in as they are, with their inverse norms (their dot products
     cannot overflow float32), others are normalised first.
     """
-    if kernels.supports(features):
+    if kernels.supports_cosine(features):
         if features.dtype == torch.float16:
             inverse_norms = 1 / features.float().norm(dim=-1).clamp_min(
                 torch.finfo(torch.float32).tiny)
