@@ -298,8 +298,9 @@ def profile(model, images) -> None:
 
 
 def gpu_kernels(model, images, calls: int = 20):
-    """{kernel name: (launches, GPU us)} per ``predict`` of ``images``, as the model runs
-    (inside its CUDA graph replays when ``cuda_graph`` is on)."""
+    """Launches and GPU us of each kernel (two Counters by kernel name) per ``predict`` of
+    ``images``, as the model runs (inside its CUDA graph replays when ``cuda_graph`` is
+    on)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     batch = as_batch(images)
