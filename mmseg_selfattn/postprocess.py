@@ -97,15 +97,15 @@ def segment(query_logits: Tensor, synonym_max: SynonymMax, logit_scale: float,
         synonym_max: the query -> class grouping.
         logit_scale: softmax temperature s.
         prob_thd: pixels whose best query probability is below it go to ``bg_idx``.
-        area_thd: classes predicted on less than this fraction of an image go to ``bg_idx``.
+        area_thd: SCLIP's small-class rule (``final_predictions``).
 
     Returns:
         probs: (n, C, H, W) float32, max over synonyms of softmax(s * logits) over all
-            queries, renormalised to sum 1 per pixel.
+            queries, renormalised to sum 1 per pixel (classes dropped by ``area_thd``: 0).
         labels: (n, H, W) long.
     """
-    probs, labels, unsure = pixel_predictions(query_logits, synonym_max, logit_scale, prob_thd)
-    return probs, final_labels(labels, unsure, probs.shape[1], area_thd, bg_idx)
+    return final_predictions(*pixel_predictions(query_logits, synonym_max, logit_scale,
+                                                prob_thd), prob_thd, area_thd, bg_idx)
 
 
 def pixel_predictions(query_logits: Tensor, synonym_max: SynonymMax, logit_scale: float,
@@ -113,8 +113,9 @@ def pixel_predictions(query_logits: Tensor, synonym_max: SynonymMax, logit_scale
     """The per-pixel part of ``segment``, so that a huge image can run band by band.
 
     Returns class probabilities (n, C, H, W), argmax labels (n, H, W) and, when
-    ``prob_thd`` is set, the unsure pixels (n, H, W) bool (else None). On GPU one Triton
-    kernel computes all three (``postprocess_kernels``).
+    ``prob_thd`` is set, the confidence (n, H, W) float32: the best query probability
+    max_q softmax(s l)_q, which ``prob_thd`` tests (else None). On GPU one Triton kernel
+    computes all three (``postprocess_kernels``).
     """
     if postprocess_kernels.supports(query_logits):
         return postprocess_kernels.pixel_predictions(query_logits, synonym_max, logit_scale,
@@ -122,12 +123,11 @@ def pixel_predictions(query_logits: Tensor, synonym_max: SynonymMax, logit_scale
     scaled_class_logits = logit_scale * synonym_max(query_logits.float())
     probs = scaled_class_logits.softmax(dim=1)
     labels = probs.argmax(dim=1)
-    unsure = None
+    confidence = None
     if prob_thd > 0:
-        best_log_prob = (scaled_class_logits.amax(dim=1)
-                         - torch.logsumexp(logit_scale * query_logits.float(), dim=1))
-        unsure = best_log_prob.exp() < prob_thd
-    return probs, labels, unsure
+        confidence = (scaled_class_logits.amax(dim=1)
+                      - torch.logsumexp(logit_scale * query_logits.float(), dim=1)).exp()
+    return probs, labels, confidence
 
 
 def merged_pixel_predictions(patch_logits: Tensor, merge, rows: slice,
@@ -143,15 +143,62 @@ def merged_pixel_predictions(patch_logits: Tensor, merge, rows: slice,
     return pixel_predictions(merge(patch_logits, rows), synonym_max, logit_scale, prob_thd)
 
 
-def final_labels(labels: Tensor, unsure: Optional[Tensor], num_classes: int,
-                 area_thd: float = 0.0, bg_idx: Optional[int] = 0) -> Tensor:
-    """The whole-image part of ``segment``: classes under ``area_thd`` of their image
-    (counted on the argmax labels), then unsure pixels -> ``bg_idx``."""
+def final_predictions(probs: Tensor, labels: Tensor, confidence: Optional[Tensor],
+                      prob_thd: float = 0.0, area_thd: float = 0.0, bg_idx: Optional[int] = 0
+                      ) -> Tuple[Tensor, Tensor]:
+    """The whole-image part of ``segment``, SCLIP's ``postprocess_result`` (also SC-CLIP's):
+
+    1. ``area_thd`` (``classes_kept``): on the argmax labels, every class c != ``bg_idx``
+       whose pixels are not more than ``area_thd`` x the pixels of all classes but
+       ``bg_idx`` is dropped: its probabilities become 0 (``probs`` is changed in place
+       and renormalised), and the argmax is taken again, so its pixels go to their
+       next-best class (not necessarily ``bg_idx``);
+    2. ``prob_thd``: pixels whose best query probability among the kept classes is
+       below it -> ``bg_idx``.
+
+    Args:
+        probs, labels, confidence: ``pixel_predictions``' outputs (confidence may be None
+            when ``prob_thd`` is 0).
+
+    Returns:
+        probs (n, C, H, W) and labels (n, H, W).
+    """
     if area_thd > 0:
-        labels = _drop_small_classes(labels, num_classes, area_thd, bg_idx)
-    if unsure is not None:
-        labels = torch.where(unsure, bg_idx, labels)
-    return labels
+        kept = classes_kept(class_areas(labels, probs.shape[1]), area_thd, bg_idx)
+        probs, labels, confidence = _drop_classes(probs, kept, confidence)
+    if prob_thd > 0:
+        labels = torch.where(confidence < prob_thd, bg_idx, labels)
+    return probs, labels
+
+
+def classes_kept(areas: Tensor, area_thd: float, bg_idx: int) -> Tensor:
+    """(n, C) bool: the classes ``area_thd`` keeps, from the (n, C) pixel counts of the
+    argmax labels. ``bg_idx`` is always kept and left out of the foreground area; a
+    class is kept iff its count > area_thd x the foreground area (float32 product, as
+    the published code compares)."""
+    counts = areas.float()
+    foreground = counts.sum(dim=1, keepdim=True) - counts[:, bg_idx:bg_idx + 1]
+    kept = counts > area_thd * foreground
+    kept[:, bg_idx] = True
+    return kept
+
+
+def _drop_classes(probs: Tensor, kept: Tensor, confidence: Optional[Tensor]
+                  ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Probabilities of the classes not ``kept`` -> 0 (in place), the argmax of what is
+    left, the confidence among the kept classes, and the probabilities renormalised.
+
+    The best query probability of class c is p_c x (a per-pixel factor), so among the
+    kept classes it is confidence x max_kept p / max p."""
+    best = probs.amax(dim=1)
+    probs.mul_(kept[:, :, None, None])
+    labels = probs.argmax(dim=1)
+    best_kept = probs.amax(dim=1)
+    if confidence is not None:
+        confidence = confidence * (best_kept / best.clamp_min(torch.finfo(best.dtype).tiny))
+    total = probs.sum(dim=1, keepdim=True)
+    probs.div_(torch.where(total > 0, total, 1.0))  # an all-dropped pixel stays 0, not NaN
+    return probs, labels, confidence
 
 
 def class_areas(labels: Tensor, num_classes: int) -> Tensor:
@@ -170,13 +217,3 @@ def finite_per_image(probs: Tensor) -> Tensor:
     """(n,) whether each image's probabilities (n, C, H, W) are finite: their sum is finite
     iff every term is (each is at most 1), and a sum needs no full-size temporary."""
     return torch.isfinite(probs.flatten(1).sum(dim=1))
-
-
-def _drop_small_classes(labels: Tensor, num_classes: int, area_thd: float,
-                        bg_idx: int) -> Tensor:
-    """Labels of classes covering less than ``area_thd`` of their image -> bg_idx."""
-    flat = labels.flatten(1)  # (n, H*W)
-    area = class_areas(labels, num_classes)
-    too_small = area < area_thd * flat.shape[1]
-    too_small[:, bg_idx] = False
-    return torch.where(too_small.gather(1, flat).view_as(labels), bg_idx, labels)

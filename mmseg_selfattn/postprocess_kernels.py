@@ -1,11 +1,11 @@
 """Triton kernels of the per-pixel post-processing on GPU (``postprocess.py`` dispatches).
 
-In plain torch, query logits (n, Q, H, W) -> class probabilities, labels and unsure
-pixels is a dozen full-resolution passes (synonym gather and max, scale, a strided
+In plain torch, query logits (n, Q, H, W) -> class probabilities, labels and pixel
+confidences is a dozen full-resolution passes (synonym gather and max, scale, a strided
 softmax over the class axis, argmax, a log-sum-exp over the queries for ``prob_thd``),
 and the class areas of ``area_thd`` compare every label with every class. At VOC size
 that was a sixth of the pipeline's GPU time on an H200. Here one kernel reads every query
-logit once and writes the probabilities, labels and unsure flags, and one more reads the
+logit once and writes the probabilities, labels and confidences, and one more reads the
 labels once to count the class areas (integer atomics: deterministic).
 
 The pixel kernel reads rows of query logits through row taps: output row y is
@@ -20,8 +20,8 @@ Same formulas as ``postprocess.pixel_predictions`` (tested against it on GPU):
     m_c    = max_{q in c} l_q                 (synonym max)
     p_c    = softmax_c(s m_c)                 (class probabilities)
     label  = argmax_c p_c                     (first of equal maxima)
-    unsure = max_q softmax_q(s l)_q < prob_thd, where max_q softmax_q(s l)_q = 1 / z,
-             z = sum_q exp(s (l_q - max_q l_q))   (accumulated online, one read)
+    confidence = max_q softmax_q(s l)_q = 1 / z, z = sum_q exp(s (l_q - max_q l_q))
+             (accumulated online, one read; only when prob_thd is set)
 
 The first query of every class is read as one (classes, pixels) tile; the other synonyms
 a few rows at a time into their class, so skewed synonym counts (VOC's background has
@@ -72,9 +72,9 @@ if AVAILABLE:
 
     @triton.jit
     def _pixel_predictions_kernel(logits_ptr, taps_ptr, weights_ptr, first_ptr, groups_ptr,
-                                  extras_ptr, probs_ptr, labels_ptr, unsure_ptr, height, width,
-                                  input_rows, num_queries, num_classes, num_groups, scale,
-                                  prob_thd, CLASSES: tl.constexpr, EXTRAS: tl.constexpr,
+                                  extras_ptr, probs_ptr, labels_ptr, confidence_ptr, height,
+                                  width, input_rows, num_queries, num_classes, num_groups,
+                                  scale, CLASSES: tl.constexpr, EXTRAS: tl.constexpr,
                                   TAPS: tl.constexpr, BLOCK: tl.constexpr,
                                   PROB_THD: tl.constexpr):
         blocks_per_row = tl.cdiv(width, BLOCK)
@@ -126,8 +126,8 @@ if AVAILABLE:
         tl.store(probs_ptr + image * num_classes * pixels + classes[:, None] * pixels
                  + pixel[None, :], probs, mask=is_class[:, None] & in_row[None, :])
         tl.store(labels_ptr + image * pixels + pixel, label.to(tl.int64), mask=in_row)
-        if PROB_THD:  # best query probability 1 / z < prob_thd
-            tl.store(unsure_ptr + image * pixels + pixel, exp_sum * prob_thd > 1, mask=in_row)
+        if PROB_THD:  # best query probability 1 / z
+            tl.store(confidence_ptr + image * pixels + pixel, 1.0 / exp_sum, mask=in_row)
 
     @triton.jit
     def _class_areas_kernel(labels_ptr, areas_ptr, pixels, num_classes, CLASSES: tl.constexpr,
@@ -171,7 +171,8 @@ def pixel_predictions(query_logits: Tensor, synonym_max, logit_scale: float,
             (``WindowMerge.row_taps``); None: output row y is input row y.
 
     Returns:
-        probs (n, C, H, W) float32, labels (n, H, W) long, unsure (n, H, W) bool or None.
+        probs (n, C, H, W) float32, labels (n, H, W) long, confidence (n, H, W) float32
+        (the best query probability) when ``prob_thd`` > 0, else None.
     """
     logits = query_logits.float().contiguous()
     n, num_queries, input_rows, width = logits.shape
@@ -182,18 +183,17 @@ def pixel_predictions(query_logits: Tensor, synonym_max, logit_scale: float,
     height, num_classes = taps.shape[0], synonym_max.num_classes
     probs = logits.new_empty((n, num_classes, height, width))
     labels = torch.empty((n, height, width), dtype=torch.long, device=logits.device)
-    unsure = (torch.empty((n, height, width), dtype=torch.bool, device=logits.device)
-              if prob_thd > 0 else None)
+    confidence = (logits.new_empty((n, height, width)) if prob_thd > 0 else None)
     classes, block = _class_tile(num_classes, TILE)
     block = min(block, max(16, triton.next_power_of_2(width)))
     first, groups, extras = synonym_max.kernel_tables(logits.device)
     _pixel_predictions_kernel[(height * triton.cdiv(width, block), n)](
         logits, taps, weights, first, groups, extras, probs, labels,
-        labels if unsure is None else unsure, height, width, input_rows, num_queries,
-        num_classes, synonym_max.num_groups, float(logit_scale), float(prob_thd),
+        probs if confidence is None else confidence, height, width, input_rows, num_queries,
+        num_classes, synonym_max.num_groups, float(logit_scale),
         CLASSES=classes, EXTRAS=min(EXTRAS, classes), TAPS=taps.shape[1], BLOCK=block,
         PROB_THD=prob_thd > 0, num_warps=max(1, classes * block // VALUES_PER_WARP))
-    return probs, labels, unsure
+    return probs, labels, confidence
 
 
 def class_areas(labels: Tensor, num_classes: int) -> Tensor:

@@ -21,8 +21,8 @@ from .encoder import DenseCLIPEncoder, EncodedCrops
 from .explain import ImageInput, StageMaps, explain
 from . import postprocess_kernels
 from .pamr import MAX_DILATION, PAMR
-from .postprocess import (SynonymMax, final_labels, finite_per_image, merged_pixel_predictions,
-                          segment)
+from .postprocess import (SynonymMax, final_predictions, finite_per_image,
+                          merged_pixel_predictions, segment)
 from .sliding_window import WindowMerge, pad_to_patch_multiple
 from .stages import PIPELINE_STAGES, build_stage
 from .stages.global_debias import cls_logit_bias
@@ -63,7 +63,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                 WindowMerge: upsample each crop, overlap-average, resize to the original
             PAMR (pamr_steps > 0, per image)
             segment_logits(): softmax(logit_scale * logits), max over synonyms,
-                area_thd / prob_thd -> bg_idx (postprocess.py)
+                area_thd (SCLIP's rule), prob_thd -> bg_idx (postprocess.py)
 
     Args:
         clip: ``dict(arch, pretrained, quick_gelu=None)`` for ``load_clip``.
@@ -96,8 +96,10 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             'bf16' (explicit softmaxes run in fp32, fused attention and LayerNorm
             accumulate in fp32; stages 2-6 and the classifier always run in fp32).
         logit_scale: temperature of the softmax over queries.
-        prob_thd / area_thd / bg_idx: low-confidence pixels and small classes go to
-            class ``bg_idx``.
+        prob_thd / area_thd / bg_idx: pixels whose best query probability is below
+            ``prob_thd`` go to class ``bg_idx``; a class other than ``bg_idx`` with no more
+            than ``area_thd`` x the pixels of all classes but ``bg_idx`` is dropped (its
+            probabilities 0, its pixels to their next-best class), as SCLIP's code does.
         test_scales: multi-scale inference (the seed's extension): the image is resized
             by each factor, the whole pipeline (windows, stages) runs at each scale, and
             the query logits, resized to the output size, are averaged before
@@ -593,7 +595,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             scaled.append(images if size == (height, width) else
                           F.interpolate(images, size=size, mode='bilinear', align_corners=False))
             merges.append(self._window_merge(size, output_size, images.device))
-        crop_shapes = {merge.crop_size for merge in merges}
+        crop_shapes = {merge.cut_size for merge in merges}
         windows = sum(merge.num_windows for merge in merges)
         if len(crop_shapes) == 1 and windows * len(images) <= self.max_crops_per_forward:
             # crops of every scale in one ViT call, split back by scale
@@ -641,19 +643,21 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                            // height)
         bands = self._row_bands(logits_per_row, height, images.device)
         if len(bands) == 1:
-            probs, labels, unsure = self._pixel_predictions(patch_logits, merge, slice(None))
+            probs, labels, confidence = self._pixel_predictions(patch_logits, merge,
+                                                                slice(None))
         else:
             probs = patch_logits.new_empty((len(images), self.synonym_max.num_classes, height,
                                             width), dtype=torch.float32)
             labels = probs.new_empty((len(images), height, width), dtype=torch.long)
-            unsure = labels.new_empty(labels.shape, dtype=torch.bool) if self.prob_thd else None
+            confidence = probs.new_empty(labels.shape) if self.prob_thd else None
             for rows in bands:
-                band_probs, band_labels, band_unsure = self._pixel_predictions(
+                band_probs, band_labels, band_confidence = self._pixel_predictions(
                     patch_logits, merge, rows)
                 probs[:, :, rows], labels[:, rows] = band_probs, band_labels
-                if unsure is not None:
-                    unsure[:, rows] = band_unsure
-        labels = final_labels(labels, unsure, probs.shape[1], self.area_thd, self.bg_idx)
+                if confidence is not None:
+                    confidence[:, rows] = band_confidence
+        probs, labels = final_predictions(probs, labels, confidence, self.prob_thd,
+                                          self.area_thd, self.bg_idx)
         # the merge zeroes a bad window's logits (they cannot spread): flag them here
         windows_finite = torch.isfinite(patch_logits).flatten(1).all(dim=1)
         finite = windows_finite.view(len(images), -1).all(dim=1) & finite_per_image(probs)
@@ -746,8 +750,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
     def segment_logits(self, query_logits: Tensor) -> Tuple[Tensor, Tensor]:
         """Query logits (n, Q, H, W) -> class probabilities (n, C, H, W): softmax over all
         queries of logit_scale * logits, max over each class's synonyms, renormalised;
-        and labels (n, H, W): argmax, then small classes (area_thd) and unsure pixels
-        (prob_thd) -> bg_idx."""
+        and labels (n, H, W): argmax, then SCLIP's small-class rule (area_thd) and unsure
+        pixels (prob_thd) -> bg_idx (``postprocess.final_predictions``)."""
         return segment(query_logits, self.synonym_max, self.logit_scale, self.prob_thd,
                        self.area_thd, self.bg_idx)
 

@@ -35,17 +35,17 @@ def test_pixel_predictions_kernel_equals_torch(name, prob_thd):
     generator = torch.Generator(device='cuda').manual_seed(0)
     logits = 0.1 * torch.randn(3, synonym_max.num_queries, 37, 53, device='cuda',
                                generator=generator)
-    probs, labels, unsure = pixel_predictions(logits, synonym_max, 40.0, prob_thd)
-    ref_probs, ref_labels, ref_unsure = torch_path(pixel_predictions, logits, synonym_max, 40.0,
-                                                   prob_thd)
+    probs, labels, confidence = pixel_predictions(logits, synonym_max, 40.0, prob_thd)
+    ref_probs, ref_labels, ref_confidence = torch_path(pixel_predictions, logits, synonym_max,
+                                                       40.0, prob_thd)
     assert probs.shape == ref_probs.shape and labels.dtype == torch.long
     assert (probs - ref_probs).abs().max() <= 1e-5  # exp() rounds differently
     assert (labels == ref_labels).float().mean() >= 0.999  # near-ties may flip
     if prob_thd:
-        assert 0 < ref_unsure.float().mean() < 1
-        assert (unsure == ref_unsure).float().mean() >= 0.999
+        assert 0 < (ref_confidence < prob_thd).float().mean() < 1
+        assert (confidence - ref_confidence).abs().max() <= 1e-5
     else:
-        assert unsure is None and ref_unsure is None
+        assert confidence is None and ref_confidence is None
     again = pixel_predictions(logits, synonym_max, 40.0, prob_thd)
     assert torch.equal(again[0], probs) and torch.equal(again[1], labels)  # deterministic
 
@@ -62,17 +62,18 @@ def test_kernel_merging_rows_itself_equals_torch_on_merged_logits(name, size, ou
     generator = torch.Generator(device='cuda').manual_seed(2)
     patch_logits = 0.1 * torch.randn(2 * merge.num_windows, synonym_max.num_queries, *merge.grid,
                                      device='cuda', generator=generator).half()
-    probs, labels, unsure = merged_pixel_predictions(patch_logits, merge, rows, synonym_max,
-                                                     40.0, 0.2)
-    ref_probs, ref_labels, ref_unsure = torch_path(pixel_predictions, merge(patch_logits, rows),
-                                                   synonym_max, 40.0, 0.2)
+    probs, labels, confidence = merged_pixel_predictions(patch_logits, merge, rows,
+                                                         synonym_max, 40.0, 0.2)
+    ref_probs, ref_labels, ref_confidence = torch_path(
+        pixel_predictions, merge(patch_logits, rows), synonym_max, 40.0, 0.2)
     assert probs.shape == ref_probs.shape == (2, synonym_max.num_classes,
                                               *torch.empty(output_size)[rows].shape)
     assert (probs - ref_probs).abs().max() <= 1e-5
     assert (labels == ref_labels).float().mean() >= 0.999
-    assert 0 < ref_unsure.float().mean() < 1 and (unsure == ref_unsure).float().mean() >= 0.999
+    assert 0 < (ref_confidence < 0.2).float().mean() < 1
+    assert (confidence - ref_confidence).abs().max() <= 1e-5
     again = merged_pixel_predictions(patch_logits, merge, rows, synonym_max, 40.0, 0.2)
-    assert all(torch.equal(a, b) for a, b in zip(again, (probs, labels, unsure)))
+    assert all(torch.equal(a, b) for a, b in zip(again, (probs, labels, confidence)))
 
 
 def test_nan_logits_give_nan_probabilities_of_their_pixel_only():
@@ -80,10 +81,12 @@ def test_nan_logits_give_nan_probabilities_of_their_pixel_only():
     logits = torch.randn(2, synonym_max.num_queries, 9, 11, device='cuda')
     logits[1, 4, 3, 5] = float('nan')  # the first query of class 2
     logits[0, 10, 2, 2] = float('nan')  # a later synonym of class 4
-    probs, _, unsure = pixel_predictions(logits, synonym_max, 40.0, 0.2)
+    probs, _, confidence = pixel_predictions(logits, synonym_max, 40.0, 0.2)
     assert torch.isnan(probs[1, :, 3, 5]).all() and torch.isnan(probs[0, :, 2, 2]).all()
     assert torch.isfinite(probs).sum() == probs.numel() - 2 * synonym_max.num_classes
-    assert torch.equal(unsure, torch_path(pixel_predictions, logits, synonym_max, 40.0, 0.2)[2])
+    ref_confidence = torch_path(pixel_predictions, logits, synonym_max, 40.0, 0.2)[2]
+    assert torch.equal(confidence.isnan(), ref_confidence.isnan())
+    assert ((confidence - ref_confidence).abs().nan_to_num() <= 1e-5).all()
 
 
 @pytest.mark.parametrize('num_classes', [1, 21, 171])
