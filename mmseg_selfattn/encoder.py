@@ -231,14 +231,20 @@ class DenseCLIPEncoder(nn.Module):
         return self.visual.conv1(crops).flatten(2).transpose(1, 2)
 
     def positional_embedding(self, grid: Tuple[int, int]) -> torch.Tensor:
-        """(1+N, C) positional embedding for a patch grid, bicubic from the trained grid."""
+        """(1+N, C) positional embedding for a patch grid, as SCLIP / NACLIP / ClearCLIP
+        compute it (DINO's rule): the trained table as it is when the token count is the
+        trained one (their test; so also for a 7 x 28 grid of a 14 x 14 table), else
+        bicubic ``F.interpolate`` by the scale factors ((g_h + 0.1) / n_h,
+        (g_w + 0.1) / n_w), not to a target size, which samples other source positions."""
         pos = self.visual.positional_embedding
         native = tuple(self.visual.grid_size)
-        if tuple(grid) == native:
+        if grid[0] * grid[1] == native[0] * native[1]:
             return pos
         patch_pos = pos[1:].reshape(1, *native, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos.float(), size=grid, mode='bicubic',
+        scale = tuple((size + 0.1) / trained for size, trained in zip(grid, native))
+        patch_pos = F.interpolate(patch_pos.float(), scale_factor=scale, mode='bicubic',
                                   align_corners=False).to(pos.dtype)
+        assert tuple(patch_pos.shape[-2:]) == tuple(grid), (patch_pos.shape, grid)
         return torch.cat([pos[:1], patch_pos[0].flatten(1).transpose(0, 1)], dim=0)
 
     @staticmethod

@@ -93,7 +93,7 @@ class StageMaps:
         centres = []
         for axis, patch in ((1, token % w), (0, token // w)):  # x first
             start = self._layout['starts'][axis][window]
-            size = self._layout['patch_size'][axis]
+            size = self._layout['patch_extent'][axis]
             centre = start - self._layout['pad_offset'][axis] + (patch.float() + 0.5) * size
             centres.append(centre * self._layout['scale'][axis])
         return torch.stack(centres, dim=1)
@@ -107,7 +107,7 @@ class StageMaps:
         resized = (torch.arange(size) + 0.5) / layout['scale'][axis]  # pixel centres
         span = (resized[:, None] - spans.mean(dim=1)).abs().argmin(dim=1)
         inside = resized - spans[span, 0] + layout['pad_offset'][axis]
-        patch = (inside // layout['patch_size'][axis]).long()
+        patch = (inside // layout['patch_extent'][axis]).long()
         return span, patch.clamp(0, layout['grid'][axis] - 1)
 
 
@@ -185,9 +185,7 @@ def _stage_maps(model, tensors: Dict[str, Tensor], sample, image: np.ndarray,
     scale = (output_size[0] / size[0], output_size[1] / size[1])
     boxes = torch.tensor(merge.windows, dtype=torch.float32)
     boxes = boxes * torch.tensor([scale[0], scale[0], scale[1], scale[1]])
-    pad_offset = tuple((-side % patch) // 2 for side, patch in
-                       zip(merge.crop_size, merge.patch_size))
-    layout = dict(grid=grid, patch_size=tuple(merge.patch_size), pad_offset=pad_offset,
+    layout = dict(grid=grid, patch_extent=merge.patch_extent, pad_offset=merge.pad_offset,
                   scale=scale, spans=(merge.row_spans, merge.col_spans),
                   window_cols=len(merge.col_spans),
                   starts=(torch.tensor([y1 for y1, _, _, _ in merge.windows]).float(),

@@ -54,11 +54,18 @@ def linear_resize_matrix(size_in: int, size_out: int, device=None) -> Tensor:
 class WindowMerge:
     """Cuts the windows of images of one size and merges their patch logits.
 
+    Windows (``crop > 0``) are zero-padded evenly to multiples of the patch, their logits
+    upsampled to the padded crop and the padding cut off, as SCLIP's ``forward_slide``
+    does. The whole image (``crop=0``) goes to the ViT as the published code feeds it:
+    the patch embedding's stride drops the rows and columns past the last whole patch,
+    and the grid's logits are resized straight to the output size (sides shorter than
+    one patch are padded to one).
+
     Args:
         size: (H, W) of the images.
         output_size: (H', W') of the merged logits (e.g. the original image size).
         crop, stride: the sliding window (``crop=0``: whole image).
-        patch_size: the ViT's (ph, pw); crops are zero-padded to multiples of it.
+        patch_size: the ViT's (ph, pw).
     """
 
     def __init__(self, size: Tuple[int, int], output_size: Tuple[int, int], crop: int,
@@ -67,27 +74,43 @@ class WindowMerge:
         self.windows = sliding_windows(*size, crop, stride)
         self.num_windows = len(self.windows)
         self.patch_size = patch_size
+        self.whole_image = crop == 0
         y1, y2, x1, x2 = self.windows[0]
         self.crop_size = (y2 - y1, x2 - x1)
-        padded = [-(-side // patch) * patch for side, patch in zip(self.crop_size, patch_size)]
-        self.grid = (padded[0] // patch_size[0], padded[1] // patch_size[1])
+        if self.whole_image:  # whole patches only, at least one
+            self.grid = tuple(max(1, side // patch)
+                              for side, patch in zip(self.crop_size, patch_size))
+        else:
+            self.grid = tuple(-(-side // patch) for side, patch in zip(self.crop_size,
+                                                                     patch_size))
+        # (h, w) of the crops ``cut`` returns
+        self.cut_size = tuple(cells * patch for cells, patch in zip(self.grid, patch_size))
+        # where the patches lie in a window: the padding before the first patch and the
+        # window pixels per patch (the whole image's grid is stretched over it)
+        self.pad_offset = (0, 0) if self.whole_image else tuple(
+            (cut - side) // 2 for cut, side in zip(self.cut_size, self.crop_size))
+        self.patch_extent = tuple(side / cells if self.whole_image else float(patch)
+                                  for side, cells, patch in zip(self.crop_size, self.grid,
+                                                                patch_size))
         # windows form a grid, row-major: window j = (row span r, column span c)
         self.row_spans = list(dict.fromkeys((y1, y2) for y1, y2, _, _ in self.windows))
         self.col_spans = list(dict.fromkeys((x1, x2) for _, _, x1, x2 in self.windows))
         assert self.windows == [(y1, y2, x1, x2) for y1, y2 in self.row_spans
                                 for x1, x2 in self.col_spans], 'windows form a grid'
         # (H', rows * h) and (W', cols * w): upsample, place, average, resize
-        self.row_matrix = self._axis_matrix(self.row_spans, size[0], output_size[0], padded[0],
-                                            self.grid[0], device)
-        self.col_matrix = self._axis_matrix(self.col_spans, size[1], output_size[1], padded[1],
-                                            self.grid[1], device)
+        self.row_matrix, self.col_matrix = (
+            self._axis_matrix(spans, size[axis], output_size[axis], axis, device)
+            for axis, spans in enumerate((self.row_spans, self.col_spans)))
         self.mosaic_rows = self.row_matrix.shape[1]
         self._row_taps = _nonzero_taps(self.row_matrix)
         self._row_taps_cpu = self._row_taps[0].cpu()  # band spans without a device sync
 
-    def _axis_matrix(self, spans, size, output_size, padded, grid, device) -> Tensor:
-        length = spans[0][1] - spans[0][0]
-        offset = (padded - length) // 2  # pad_to_patch_multiple pads evenly
+    def _axis_matrix(self, spans, size, output_size, axis, device) -> Tensor:
+        grid = self.grid[axis]
+        if self.whole_image:  # the grid's logits straight to the output size
+            return linear_resize_matrix(grid, output_size, device)
+        length, padded = spans[0][1] - spans[0][0], self.cut_size[axis]
+        offset = self.pad_offset[axis]
         upsample = linear_resize_matrix(grid, padded, device)[offset:offset + length]
         coverage = torch.zeros(size, device=device)
         for start, end in spans:
@@ -101,10 +124,14 @@ class WindowMerge:
         return resize @ torch.cat(blocks, dim=1)
 
     def cut(self, images: Tensor, windows: slice = slice(None)) -> Tensor:
-        """(n, 3, H, W) -> padded crops (n * windows, 3, h, w), image-major; ``windows``
-        picks a range of each image's windows (huge images are cut chunk by chunk)."""
-        crops = torch.stack([images[..., y1:y2, x1:x2] for y1, y2, x1, x2 in
-                             self.windows[windows]], dim=1).flatten(0, 1)
+        """(n, 3, H, W) -> crops (n * windows, 3, h, w) of ``cut_size``, image-major;
+        ``windows`` picks a range of each image's windows (huge images are cut chunk by
+        chunk)."""
+        if self.whole_image:  # the stride drops what is past the last whole patch
+            crops = images[..., :self.cut_size[0], :self.cut_size[1]]
+        else:
+            crops = torch.stack([images[..., y1:y2, x1:x2] for y1, y2, x1, x2 in
+                                 self.windows[windows]], dim=1).flatten(0, 1)
         return pad_to_patch_multiple(crops, self.patch_size)[0]
 
     def __call__(self, patch_logits: Tensor, rows: slice = slice(None)) -> Tensor:
@@ -174,10 +201,21 @@ def published_slide_inference(segmentor, images: Sequence[Tensor],
                               output_sizes: Optional[Sequence[Tuple[int, int]]] = None
                               ) -> List[Tensor]:
     """SCLIP/NACLIP's ``forward_slide``: one crop at a time, upsample, pad into the image,
-    add, divide by the count, resize to the output size."""
+    add, divide by the count, resize to the output size; with ``slide_crop=0`` their
+    ``forward_feature`` of the whole image: its whole patches, the grid's logits resized
+    straight to the output size."""
     outputs = []
     for index, image in enumerate(images):
         height, width = image.shape[-2:]
+        output_size = (height, width) if output_sizes is None else tuple(output_sizes[index])
+        if segmentor.slide_crop == 0:
+            ph, pw = segmentor.encoder.patch_size
+            crop = image[None, :, :max(ph, height // ph * ph), :max(pw, width // pw * pw)]
+            crop = pad_to_patch_multiple(crop, (ph, pw))[0]
+            logits = F.interpolate(segmentor.crop_patch_logits(crop), size=output_size,
+                                   mode='bilinear')
+            outputs.append(logits[0])
+            continue
         summed, count = 0, image.new_zeros((1, height, width))
         for y1, y2, x1, x2 in sliding_windows(height, width, segmentor.slide_crop,
                                               segmentor.slide_stride):
@@ -187,7 +225,7 @@ def published_slide_inference(segmentor, images: Sequence[Tensor],
             summed = summed + F.pad(logits, (x1, width - x2, y1, height - y2))
             count[:, y1:y2, x1:x2] += 1
         logits = (summed / count)[None]
-        if output_sizes is not None and tuple(output_sizes[index]) != (height, width):
-            logits = F.interpolate(logits, size=tuple(output_sizes[index]), mode='bilinear')
+        if output_size != (height, width):
+            logits = F.interpolate(logits, size=output_size, mode='bilinear')
         outputs.append(logits[0])
     return outputs

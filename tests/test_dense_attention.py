@@ -19,9 +19,10 @@ def last_block_input(visual, images):
     return captured['x']
 
 
-def reference_dense(visual, x, name, std=5.0):
+def reference_dense(visual, x, name, std=5.0, grid=None):
     """Re-derivation in the style of the published code (SCLIP / NACLIP / ClearCLIP):
-    heads folded into the batch, torch.bmm, explicit softmax."""
+    heads folded into the batch, torch.bmm, explicit softmax. ``grid``: the patch grid of
+    ``x`` (default: the trained one)."""
     block = visual.transformer.resblocks[-1]
     attn = block.attn
     batch, tokens, width = x.shape
@@ -42,7 +43,7 @@ def reference_dense(visual, x, name, std=5.0):
         elif name == 'clearclip':
             weights = F.softmax(torch.bmm(q, q.transpose(1, 2)) * scale, dim=-1)
         elif name == 'naclip':
-            h, w = visual.grid_size
+            h, w = grid or visual.grid_size
             ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
             ys, xs = ys.flatten().float(), xs.flatten().float()
             window = torch.exp(-((ys[:, None] - ys[None])**2 + (xs[:, None] - xs[None])**2) /
