@@ -359,3 +359,26 @@ def test_positional_embedding_is_dinos_scale_factor_rule():
     by_size = F.interpolate(patch, size=(21, 31), mode='bicubic', align_corners=False)
     assert (by_size.flatten(2).transpose(1, 2)[0]
             - encoder.positional_embedding((21, 31))[1:]).abs().max() > 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+@pytest.mark.parametrize('cuda_graph', [False, True])
+@pytest.mark.parametrize('case', ['sclip, 224 windows, area_thd', 'sclip, whole 227 x 341, area_thd',
+                                  'clearclip, 448 crops', 'naclip, whole 336 x 503, PAMR'])
+def test_gpu_labels_equal_the_published_segmentor(case, cuda_graph):
+    """The GPU path (Triton post-processing, the kernel merging the window rows, CUDA
+    graphs) against the published segmentor run on the CPU."""
+    keys, size, ori_shape = CASES[case]
+    model = build(**keys)
+    published = PublishedSegmentor(model, **keys)
+    image = normalised_image(size, seed=len(case))
+    with torch.no_grad():
+        ref_probs, ref_labels, _ = published.predict(image, ori_shape)
+        model = model.cuda()
+        model.cuda_graph = cuda_graph
+        sample = SegDataSample(metainfo=dict(img_shape=size, ori_shape=ori_shape))
+        for _ in range(2):  # capture, then replay
+            out = model.predict(image.cuda(), [sample])[0]
+    probs, labels = out.seg_logits.data.cpu(), out.pred_sem_seg.data[0].cpu()
+    assert (probs - ref_probs).abs().max() <= 1e-4
+    assert_same_labels(labels, probs, ref_labels, ref_probs, keys.get('prob_thd', 0))
