@@ -1,6 +1,7 @@
 """tools/analyze_attention.py on real CamVid photos with a tiny random CLIP (CPU): the
 report's numbers against values recomputed here from ``model.explain()``."""
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ from mmengine.config import Config
 from PIL import Image
 
 from conftest import REPO_ROOT, TINY_ARCH, camvid_root, load_tool
+from mmseg_selfattn.cli import run_main
 
 CONFIG = REPO_ROOT / 'configs/selfattn/selfattn-full_vit-b16_camvid.py'
 # the 3-block tiny arch has no layer -4 for similarity enhancement; min_ratio set to test
@@ -31,6 +33,18 @@ def analyze(out_dir, *args):
     return TOOL.main([str(CONFIG), '--pretrained', 'none', '--device', 'cpu', '--no-progress',
                       '--out-dir', str(out_dir), '--tau-grid', *TAUS, '--min-ratio-grid',
                       *RATIOS, *args, '--cfg-options', *options])
+
+
+def analyze_error(capsys, monkeypatch, out_dir, *args) -> str:
+    """The one stderr line of a run that stops on a mistake (exit code 2)."""
+    monkeypatch.setattr(logging, 'raiseExceptions', False)  # mmengine's logger keeps the
+    capsys.readouterr()  # stdout of an earlier test, closed since
+    assert run_main(lambda: analyze(out_dir, *args), prog='analyze_attention.py') == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    assert lines[0].startswith('analyze_attention.py: error: ')
+    return lines[0].removeprefix('analyze_attention.py: error: ')
 
 
 @pytest.fixture(scope='module')
@@ -148,22 +162,87 @@ def test_images_folder(dataset_run, tmp_path):
         {k: v for k, v in reference.items() if k != 'image'}, rel=1e-6)
 
 
-def test_empty_folder_and_missing_data_are_clear_errors(tmp_path, capsys):
+def test_empty_folder_and_missing_data_are_clear_errors(tmp_path, capsys, monkeypatch):
     (tmp_path / 'empty').mkdir()
-    assert analyze(tmp_path / 'out', '--images', str(tmp_path / 'empty')) == 1
-    error = capsys.readouterr().err
-    assert re.search(rf'no images found in folder {re.escape(str(tmp_path / "empty"))}', error)
-    assert analyze(tmp_path / 'out', '--data-root', str(tmp_path / 'nowhere')) == 1
-    error = capsys.readouterr().err
-    assert 'no images found' in error and 'CamVidDataset' in error
-    assert str(tmp_path / 'nowhere' / 'camvid' / 'images' / 'val') in error
+    line = analyze_error(capsys, monkeypatch, tmp_path / 'out', '--images',
+                         str(tmp_path / 'empty'))
+    assert line.startswith(f'--images {tmp_path / "empty"}: no images found in this folder '
+                           '(looked for *.jpg, *.jpeg, *.png')
+    line = analyze_error(capsys, monkeypatch, tmp_path / 'out', '--data-root', str(tmp_path))
+    assert line == ('no images found: the test set CamVidDataset (images in '
+                    f'{tmp_path / "camvid" / "images" / "val"}): the folder does not exist; '
+                    'give --data-root (the folder holding the datasets) or --images')
+    assert analyze_error(capsys, monkeypatch, tmp_path / 'out', '--data-root',
+                         str(tmp_path / 'nowhere')) == \
+        f'--data-root {tmp_path / "nowhere"}: no such folder'
 
 
-def test_unreadable_image_is_named(tmp_path, capsys):
+def test_unreadable_image_is_named(tmp_path, capsys, monkeypatch):
     broken = tmp_path / 'broken.png'
     broken.write_bytes(b'\x89PNG not really')
-    assert analyze(tmp_path / 'out', '--images', str(broken)) == 1
-    assert f'cannot read image {broken}' in capsys.readouterr().err
+    assert analyze_error(capsys, monkeypatch, tmp_path / 'out', '--images', str(broken)) == (
+        f'cannot read image {broken}: not a readable image (15 bytes that cv2 cannot decode)')
+
+
+def test_each_mistake_is_one_line_naming_its_argument(tmp_path, capsys, monkeypatch):
+    image = tmp_path / 'street.png'
+    Image.new('RGB', (32, 24)).save(image)
+    a_file = tmp_path / 'notes.txt'
+    a_file.write_text('not a config')
+    images = ['--images', str(image)]
+    cases = [
+        (['--images', str(tmp_path / 'nope.png')],
+         f'--images {tmp_path / "nope.png"}: no such file or folder'),
+        ([*images, '--out-dir', str(a_file)], f'--out-dir {a_file}: exists and is not a folder'),
+        ([*images, '--pretrained', str(tmp_path / 'w.pt')],
+         f'--pretrained {tmp_path / "w.pt"}: no such file, and not an open_clip tag; give a '
+         "checkpoint file, a tag such as openai, or 'none' for random weights"),
+        ([*images, '--cfg-options', 'model.slide_crop=-5'],
+         '--cfg-options model.slide_crop=-5: slide_crop must be an int >= 0, got -5.'),
+        ([*images, '--cfg-options', 'model.ctd_cfg.eps=0'],
+         '--cfg-options model.ctd_cfg.eps=0: ctd_cfg.eps must be a number in (0, 2], got 0.'),
+        ([*images, '--cfg-options', 'model.crop_size=224'],
+         '--cfg-options model.crop_size=224: SelfAttnCLIPSegmentor.__init__() got an '
+         "unexpected keyword argument 'crop_size'"),
+    ]
+    for args, expected in cases:
+        assert analyze_error(capsys, monkeypatch, tmp_path / 'out', *args) == expected
+    for config, expected in ((tmp_path / 'nope.py', 'no such file'),
+                             (a_file, 'Only py/yml/yaml/json type are supported now!')):
+        capsys.readouterr()
+        assert run_main(lambda: TOOL.main([str(config), '--no-progress'])) == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(
+            f'error: CONFIG {config}: {expected}')
+
+
+@pytest.mark.parametrize('option, value, message', [
+    ('--tau-grid', '1.5', "'1.5' is not a number in [0, 1]"),
+    ('--min-ratio-grid', 'nan', "'nan' is not a number >= 0"),
+    ('--eps-grid', '0', "'0' is not a number in (0, 2]"),
+    ('--max-images', '0', "'0' is not a positive integer"),
+    ('--device', 'gpu', "'gpu' is not a device: use cpu, cuda or cuda:N"),
+    ('--cfg-options', 'model.slide_crop', "'model.slide_crop' is not KEY=VALUE, "
+     'e.g. model.slide_crop=336'),
+])
+def test_argparse_errors_name_the_argument(capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        TOOL.main([str(CONFIG), option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].endswith(f'error: argument {option}: {message}')
+    assert 'Traceback' not in err
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    image = tmp_path / 'street.png'
+    Image.new('RGB', (32, 24)).save(image)
+
+    def broken(model, path):
+        raise TypeError('explain() takes 2 positional arguments but 3 were given')
+
+    monkeypatch.setattr(TOOL, 'explain_image', broken)
+    with pytest.raises(TypeError, match='positional arguments'):
+        run_main(lambda: analyze(tmp_path / 'out', '--images', str(image)))
 
 
 def test_stages_off_take_the_config_cfgs_and_the_eps_grid_only():

@@ -22,13 +22,22 @@ numbers), ``self_attention_hist.png``, ``outlier_scores.png`` and ``clusters.png
 Stage settings are those of the run for the stages that are on, else the config's
 ``<stage>_cfg``. Statistics with random weights (``--pretrained none``) only show that
 the pipeline runs: the report says so.
+
+A mistake in the arguments or in the user's files (a missing config, data folder or image,
+an image folder without images, an undecodable image, an ``--out-dir`` that is a file, a
+setting the model refuses, grid values out of range) stops the tool with one line on stderr
+naming the argument or file, exit code 2 (docs/errors.md lists them).
 """
 import argparse
 import json
+import math
+import os.path as osp
+import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -36,6 +45,7 @@ import mmseg_selfattn  # noqa: E402,F401  (mmcv.ops stand-in, registers the segm
 
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
+import open_clip  # noqa: E402
 import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
@@ -45,6 +55,8 @@ from mmseg_selfattn.attention_stats import (EPS_GRID, MAX_NOISE_FRACTION,  # noq
                                             MIN_RATIO_GRID, TAU_GRID, AttentionStatistics,
                                             grid_key)
 from mmseg_selfattn.benchmarks import dataset_cfg_of, set_data_dir  # noqa: E402
+from mmseg_selfattn.cli import (USER_FILE_ERRORS, UsageError, check_exists,  # noqa: E402
+                                check_out_dir, run_main, user_files)
 from mmseg_selfattn.progress import BAR_FORMAT, LINE_FORMAT  # noqa: E402
 from mmseg_selfattn.transforms import decode_image_file  # noqa: E402
 
@@ -55,13 +67,13 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 PER_IMAGE_ROWS = 50  # rows of the per-image table in report.md (all in stats.json)
 
 
-class AnalyzeError(Exception):
-    """A problem with the input that stops the analysis (printed as one line)."""
+class AnalyzeError(UsageError):
+    """A problem with the input that stops the analysis (one line, exit 2)."""
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('config', help='config file (its model and test set)')
+    parser.add_argument('config', metavar='CONFIG', help='config file (its model and test set)')
     parser.add_argument('--images', nargs='+', metavar='DIR_OR_FILE',
                         help='image folders (their *.jpg, *.png, ... files, sorted) and/or '
                         "image files, instead of the config's test set")
@@ -71,36 +83,161 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--out-dir', help='default: work_dirs/analyze_attention/<config stem>')
     parser.add_argument('--pretrained', help="open_clip tag, checkpoint path, or 'none' for "
                         "random weights (default: the config's)")
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, type=key_value,
                         help='override config keys, e.g. model.slide_crop=336')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', type=torch_device,
+                        default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cpu, cuda or cuda:N')
     parser.add_argument('--seed', type=int, default=0,
                         help='torch seed set before the model is built (random weights)')
-    parser.add_argument('--tau-grid', nargs='+', type=float, default=list(TAU_GRID))
-    parser.add_argument('--min-ratio-grid', nargs='+', type=float,
-                        default=list(MIN_RATIO_GRID))
-    parser.add_argument('--eps-grid', nargs='+', type=float, default=list(EPS_GRID))
+    parser.add_argument('--tau-grid', nargs='+', type=number(0, 1), default=list(TAU_GRID),
+                        help='self-attention thresholds τ, in [0, 1]')
+    parser.add_argument('--min-ratio-grid', nargs='+', type=number(0, math.inf),
+                        default=list(MIN_RATIO_GRID), help='outlier score ratios, >= 0')
+    parser.add_argument('--eps-grid', nargs='+', type=number(0, 2, low_open=True),
+                        default=list(EPS_GRID),
+                        help='DBSCAN eps (cosine distance), in (0, 2]')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar on stderr')
     return parser.parse_args(argv)
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f'{text} is not a positive integer')
+        raise argparse.ArgumentTypeError(f'{text!r} is not a positive integer')
     return value
 
 
+def number(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number in [low, high] ((low, high] if ``low_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (low < value if low_open else low <= value) or not value <= high:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(
+                f'{text!r} is not a number in {interval}' if high < math.inf
+                else f'{text!r} is not a number >{"" if low_open else "="} {low:g}')
+        return value
+    parse.__name__ = 'number'
+    return parse
+
+
+def torch_device(text: str) -> str:
+    """--device: cpu, cuda or cuda:N of a GPU that is there."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise argparse.ArgumentTypeError(f'{text!r} is not a device: use cpu, cuda or cuda:N')
+    count = torch.cuda.device_count() if device.type == 'cuda' else 0
+    if device.type == 'cuda' and not count:
+        raise argparse.ArgumentTypeError(f'{text!r}: no CUDA GPU is visible here; use cpu')
+    if device.type == 'cuda' and (device.index or 0) >= count:
+        raise argparse.ArgumentTypeError(f'{text!r}: there are {count} CUDA GPUs '
+                                         f'(cuda:0 to cuda:{count - 1})')
+    return text
+
+
+def key_value(text: str) -> str:
+    """One --cfg-options item: KEY=VALUE (mmengine's DictAction fails on anything else
+    with a traceback)."""
+    key, sep, _ = text.partition('=')
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f'{text!r} is not KEY=VALUE, e.g. model.slide_crop=336')
+    return text
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """``UsageError`` for the mistakes that can be seen before anything is read."""
+    check_exists('CONFIG', args.config)
+    check_exists('--data-root', args.data_root, 'folder')
+    check_out_dir('--out-dir', args.out_dir)
+    parent = Path(args.out_dir or '.').parent  # the folder it is made in
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f'--out-dir {args.out_dir}: {parent} is not a folder')
+    check_pretrained(args.pretrained)
+
+
+def check_pretrained(value: Optional[str]) -> None:
+    """--pretrained: 'none', a checkpoint file or an open_clip tag (of some arch: the
+    model checks that it is one of its arch's when it loads)."""
+    if value is None or value.lower() == 'none' or osp.isfile(value):
+        return
+    if osp.exists(value):
+        raise UsageError(f'--pretrained {value}: not a file')
+    tags = {tag.lower().replace('-', '_') for _, tag in open_clip.list_pretrained()}
+    if value.lower().replace('-', '_') not in tags:
+        raise UsageError(f"--pretrained {value}: no such file, and not an open_clip tag; give "
+                         "a checkpoint file, a tag such as openai, or 'none' for random weights")
+
+
 def build_config(args: argparse.Namespace) -> Config:
-    if not Path(args.config).is_file():
-        raise AnalyzeError(f'config file {args.config} does not exist')
-    cfg = Config.fromfile(args.config)
+    with user_files(f'CONFIG {args.config}'):
+        cfg = Config.fromfile(args.config)
     if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+        with user_files('--cfg-options', USER_FILE_ERRORS + (TypeError,)):  # a key of
+            cfg.merge_from_dict(args.cfg_options)  # a number given a sub-key: TypeError
+    model = cfg.get('model')
+    if not isinstance(model, dict) or not isinstance(model.get('clip'), dict):
+        raise UsageError(f'CONFIG {args.config}: not a segmentor config of this package (it '
+                         'has no model.clip); give e.g. '
+                         'configs/selfattn/selfattn-full_vit-b16_voc21.py')
     if args.pretrained is not None:
         cfg.model.clip.pretrained = None if args.pretrained.lower() == 'none' \
             else args.pretrained
+    if not args.images and not cfg.get('test_dataloader'):
+        raise UsageError(f'CONFIG {args.config}: it has no test_dataloader (no test set); '
+                         'give --images')
     return set_data_dir(cfg, args.data_root and str(Path(args.data_root).resolve()))
+
+
+def setting_source(args: argparse.Namespace, message: str, keyword: str = '') -> str:
+    """The option that set the model setting ``message`` names (or the one whose last key
+    is ``keyword``), else the config."""
+    options = [(f'--pretrained {args.pretrained}', 'clip.pretrained')] \
+        if args.pretrained is not None else []
+    options += [(f'--cfg-options {key}={value}', key.removeprefix('model.'))
+                for key, value in (args.cfg_options or {}).items()]
+    return next((option for option, key in options
+                 if (key.split('.')[-1] == keyword if keyword else key in message)),
+                f'CONFIG {args.config}')
+
+
+def config_keys(cfg) -> set:
+    """Every key of a (nested) config dict."""
+    keys = set()
+    for key, value in cfg.items():
+        keys.add(key)
+        if isinstance(value, dict):
+            keys |= config_keys(value)
+    return keys
+
+
+@contextmanager
+def model_settings(args: argparse.Namespace, cfg: Config) -> Iterator[None]:
+    """Errors of building the model that come from its settings (the package raises
+    ``ValueError`` naming the key; an unknown key is a ``TypeError`` of the constructor)
+    -> ``UsageError`` naming the option or file that set it."""
+    try:
+        yield
+    except TypeError as error:
+        keyword = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        if keyword is None or keyword.group(1) not in config_keys(cfg.model):
+            raise  # not a key of the user's: a bug
+        source = setting_source(args, str(error), keyword.group(1))
+        raise UsageError(f'{source}: {error}') from error
+    except USER_FILE_ERRORS as error:
+        with user_files(setting_source(args, str(error))):
+            raise
 
 
 # -- inputs ---------------------------------------------------------------------------------
@@ -113,8 +250,8 @@ def listed_images(entries: Sequence[str]) -> List[str]:
             found = sorted(str(path) for path in entry.iterdir()
                            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise AnalyzeError(f'no images found in folder {entry} (looked for '
-                                   f'{", ".join("*" + s for s in IMAGE_SUFFIXES)})')
+                raise AnalyzeError(f'--images {entry}: no images found in this folder (looked '
+                                   f'for {", ".join("*" + s for s in IMAGE_SUFFIXES)})')
             paths += found
         elif entry.is_file():
             paths.append(str(entry))
@@ -134,7 +271,8 @@ def dataset_images(cfg: Config) -> List[str]:
     if not folder.is_dir():
         raise AnalyzeError(f'no images found: {where}: the folder does not exist; give '
                            '--data-root (the folder holding the datasets) or --images')
-    dataset = DATASETS.build(dict(dataset_cfg, pipeline=[], lazy_init=False))
+    with user_files(f"the test set {dataset_cfg['type']} of CONFIG"):
+        dataset = DATASETS.build(dict(dataset_cfg, pipeline=[], lazy_init=False))
     paths = [dataset.get_data_info(index)['img_path'] for index in range(len(dataset))]
     if not paths:
         raise AnalyzeError(f'no images found in {where} (check data_prefix, img_suffix and '
@@ -170,7 +308,8 @@ def explain_image(model, path: str):
         try:
             decode_image_file(path, 'color', 'cv2', None)
         except (OSError, ValueError) as unreadable:
-            raise AnalyzeError(f'cannot read image {path}: {unreadable}') from error
+            raise AnalyzeError(f'cannot read image {path}: '
+                               f'{str(unreadable).removeprefix(f"{path}: ")}') from error
         raise
 
 
@@ -447,6 +586,7 @@ def cluster_cells(row: dict) -> List[str]:
 # -- main -----------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> Path:
     start = time.perf_counter()
+    check_arguments(args)
     cfg = build_config(args)
     if args.images:
         paths, source = listed_images(args.images), f"--images {' '.join(args.images)}"
@@ -456,11 +596,13 @@ def run(args: argparse.Namespace) -> Path:
     if args.max_images:
         paths = paths[:args.max_images]
     out_dir = Path(args.out_dir or Path('work_dirs', 'analyze_attention', Path(args.config).stem))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with user_files(f'--out-dir {out_dir}'):
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     from mmseg.apis import init_model
     torch.manual_seed(args.seed)
-    model = init_model(cfg, None, device=args.device)
+    with model_settings(args, cfg):
+        model = init_model(cfg, None, device=args.device)
     model_seconds = time.perf_counter() - start
     random_weights = cfg.model.clip.get('pretrained') is None
     if random_weights:
@@ -504,14 +646,11 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except AnalyzeError as error:
-        print(f'analyze_attention: error: {error}', file=sys.stderr)
-        return 1
+    """Runs the analysis; a mistake in the arguments or files raises ``UsageError``
+    (``run_main`` prints it as one line and returns 2)."""
+    run(parse_args(argv))
     return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_main(main))
