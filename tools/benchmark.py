@@ -17,6 +17,10 @@ config, post-processing), after warm-up, CUDA-synchronised. Reported per precisi
   SCLIP/NACLIP's code), our speed-up over it, the max abs difference of the query logits
   between the two, and how many outlier choices differ;
 - peak memory (GPU: max_memory_allocated at batch 1; CPU: max RSS of the process).
+
+A mistake in the arguments (a missing config or image folder, numbers out of range, an
+unusable ``--json`` path, a setting the model refuses) stops it before the first timing
+with one line on stderr naming the argument or file, exit code 2 (docs/errors.md).
 """
 import argparse
 import gc
@@ -29,17 +33,21 @@ import time
 from collections import Counter, defaultdict
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, List, Optional
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import mmseg_selfattn  # noqa: E402,F401
 
 import cv2  # noqa: E402
+import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 
+from mmseg_selfattn.cli import (UsageError, check_exists, run_main,  # noqa: E402
+                                user_files)
 from mmseg_selfattn.reference_loop import outlier_choices, reference_loop  # noqa: E402
 from mmseg_selfattn.sliding_window import sliding_windows  # noqa: E402
 from mmseg_selfattn.stages import PIPELINE_STAGES  # noqa: E402
@@ -48,28 +56,32 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / 'configs/selfattn/selfattn-full_vit-b16_voc21.py'
 DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 PEAK_TFLOPS = 790  # H200 dense bf16, the issue's arithmetic floor
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--config', default=str(DEFAULT_CONFIG))
     parser.add_argument('--pretrained', default='none', help="CLIP weights ('none': random)")
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', type=torch_device,
+                        default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cpu, cuda or cuda:N')
     parser.add_argument('--precision', nargs='+', default=['fp32'], choices=list(DTYPES))
-    parser.add_argument('--image-size', nargs=2, type=int, default=(375, 500), metavar=('H', 'W'))
+    parser.add_argument('--image-size', nargs=2, type=integer(1), default=(375, 500),
+                        metavar=('H', 'W'))
     parser.add_argument('--image-dir', help='read images from here instead (e.g. CamVid val)')
-    parser.add_argument('--short-side', type=int, default=336, help='0 keeps the size')
-    parser.add_argument('--num-images', type=int, default=8,
+    parser.add_argument('--short-side', type=integer(0), default=336, help='0 keeps the size')
+    parser.add_argument('--num-images', type=integer(1), default=8,
                         help='distinct images for the throughput runs')
-    parser.add_argument('--latency-images', type=int, default=4,
+    parser.add_argument('--latency-images', type=integer(1), default=4,
                         help='of those, how many for latency, stage timers and the reference')
-    parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 8])
-    parser.add_argument('--max-crops-per-forward', type=int, default=None)
+    parser.add_argument('--batch-sizes', nargs='+', type=integer(1), default=[1, 8])
+    parser.add_argument('--max-crops-per-forward', type=integer(1), default=None)
     parser.add_argument('--cuda-graph', action='store_true',
                         help='model.cuda_graph=True: the pipeline as CUDA graphs (GPU)')
     parser.add_argument('--compile', action='store_true', help='model.compile=True')
-    parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--warmup', type=integer(0), default=2)
+    parser.add_argument('--repeats', type=integer(1), default=5)
     parser.add_argument('--no-reference', action='store_true', help='skip the reference loop')
     parser.add_argument('--no-stages', action='store_true', help='stages 2-6 off')
     parser.add_argument('--scaling', action='store_true',
@@ -78,8 +90,87 @@ def parse_args() -> argparse.Namespace:
                         help='print the top kernels of one batched pass and of one image '
                         '(CUDA graphs off), and the kernels the stages add to one image')
     parser.add_argument('--json', help='write the report here')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
-    return parser.parse_args()
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, type=key_value)
+    return parser.parse_args(argv)
+
+
+def integer(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f'{text!r} is not an integer >= {minimum}')
+        return value
+    parse.__name__ = 'integer'
+    return parse
+
+
+def torch_device(text: str) -> str:
+    """--device: cpu, cuda or cuda:N of a GPU that is there."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise argparse.ArgumentTypeError(f'{text!r} is not a device: use cpu, cuda or cuda:N')
+    count = torch.cuda.device_count() if device.type == 'cuda' else 0
+    if device.type == 'cuda' and not count:
+        raise argparse.ArgumentTypeError(f'{text!r}: no CUDA GPU is visible here; use cpu')
+    if device.type == 'cuda' and (device.index or 0) >= count:
+        raise argparse.ArgumentTypeError(f'{text!r}: there are {count} CUDA GPUs '
+                                         f'(cuda:0 to cuda:{count - 1})')
+    return text
+
+
+def key_value(text: str) -> str:
+    """One --cfg-options item: KEY=VALUE (mmengine's DictAction fails on anything else
+    with a traceback)."""
+    key, sep, _ = text.partition('=')
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f'{text!r} is not KEY=VALUE, e.g. model.slide_crop=336')
+    return text
+
+
+def check_json_path(option: str, path: Optional[str]) -> None:
+    """An output file: its folder exists and it is not a folder (checked before the run,
+    which it ends)."""
+    if path is None:
+        return
+    if osp.isdir(path):
+        raise UsageError(f'{option} {path}: is a folder; give a file path')
+    folder = osp.dirname(path) or '.'
+    if not osp.isdir(folder):
+        raise UsageError(f'{option} {path}: no such folder {folder}')
+
+
+def check_pretrained(value: str) -> None:
+    """--pretrained: 'none', a checkpoint file or an open_clip tag (of some arch: the
+    model checks that it is one of its arch's when it loads)."""
+    if value.lower() == 'none' or osp.isfile(value):
+        return
+    if osp.exists(value):
+        raise UsageError(f'--pretrained {value}: not a file')
+    tags = {tag.lower().replace('-', '_') for _, tag in open_clip.list_pretrained()}
+    if value.lower().replace('-', '_') not in tags:
+        raise UsageError(f"--pretrained {value}: no such file, and not an open_clip tag; give "
+                         "a checkpoint file, a tag such as openai, or 'none' for random weights")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """``UsageError`` for the mistakes that can be seen before the first timing."""
+    check_exists('--config', args.config)
+    check_exists('--image-dir', args.image_dir, 'folder')
+    if args.image_dir and not image_files(args.image_dir, args.num_images):
+        raise UsageError(f'--image-dir {args.image_dir}: no images in this folder (looked '
+                         f'for {", ".join("*" + s for s in IMAGE_SUFFIXES)})')
+    if args.latency_images > args.num_images:
+        raise UsageError(f'--latency-images {args.latency_images}: at most --num-images '
+                         f'({args.num_images})')
+    check_pretrained(args.pretrained)
+    check_json_path('--json', args.json)
 
 
 class StageTimer:
@@ -114,7 +205,21 @@ def build_model(args, precision: str, stages_on: bool = True):
     for name in PIPELINE_STAGES:
         cfg.model[f'apply_{name}'] &= stages_on and not args.no_stages
     cfg.model.pop('data_preprocessor', None)
-    return MODELS.build(cfg.model).to(args.device).eval(), cfg
+    with user_files(model_source(args)):  # a setting the model refuses
+        model = MODELS.build(cfg.model)
+    return model.to(args.device).eval(), cfg
+
+
+def model_source(args) -> str:
+    """Where a setting the model refuses came from, for its one-line error."""
+    return f'the model of --config {args.config}' + (
+        ' with --cfg-options' if args.cfg_options else '')
+
+
+def image_files(folder: str, count: int) -> List[Path]:
+    """The first ``count`` image files of ``folder`` (sorted)."""
+    return sorted(path for path in Path(folder).iterdir()
+                  if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)[:count]
 
 
 def load_images(args, short_side: int):
@@ -122,9 +227,12 @@ def load_images(args, short_side: int):
     mean = torch.tensor([122.771, 116.746, 104.094]).view(3, 1, 1)
     std = torch.tensor([68.501, 66.632, 70.323]).view(3, 1, 1)
     if args.image_dir:
-        files = sorted(Path(args.image_dir).glob('*.*'))[:args.num_images]
-        arrays = [cv2.imread(str(f))[..., ::-1].copy() for f in files]
-        raw = [torch.from_numpy(a).permute(2, 0, 1).float() for a in arrays]
+        raw = []
+        for path in image_files(args.image_dir, args.num_images):
+            array = cv2.imread(str(path))
+            if array is None:
+                raise UsageError(f'--image-dir {args.image_dir}: {path} is not a readable image')
+            raw.append(torch.from_numpy(array[..., ::-1].copy()).permute(2, 0, 1).float())
     else:
         generator = torch.Generator().manual_seed(0)
         raw = [torch.rand(3, *args.image_size, generator=generator) * 255
@@ -353,9 +461,15 @@ def scaling(model, cfg, args) -> dict:
 
 
 def model_cfg(args):
-    cfg = Config.fromfile(args.config)
+    with user_files(f'--config {args.config}'):
+        cfg = Config.fromfile(args.config)
     if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+        with user_files('--cfg-options', (ValueError, KeyError, TypeError)):
+            cfg.merge_from_dict(args.cfg_options)
+    model = cfg.get('model')
+    if not isinstance(model, dict) or not isinstance(model.get('clip'), dict):
+        raise UsageError(f'--config {args.config}: not a segmentor config of this package '
+                         '(it has no model.clip)')
     return cfg
 
 
@@ -395,8 +509,9 @@ def print_report(report: dict) -> None:
                 print(f'| {size} | {value:.1f} |')
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    check_arguments(args)
     torch.set_grad_enabled(False)
     cfg = model_cfg(args)
     report = dict(config=args.config, arch=cfg.model.clip.arch, device=args.device,
@@ -413,7 +528,8 @@ def main() -> None:
     print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_main(main))

@@ -13,6 +13,12 @@ the seconds of each test loop (data loading, inference and evaluation included),
 sweep / one evaluation and separate runs / sweep, checks that each separately run point
 has the sweep's metrics, and the peak memory of the sweep and of one evaluation (GPU:
 max allocated; CPU: max RSS of the process, which only grows).
+
+A mistake in the arguments (a missing config, a grid key or value that cannot be swept,
+``--separate`` not 'all' or a positive number, an unusable ``--work-dir`` or ``--json``,
+a test set that is missing or empty, a setting the model refuses) stops it before the
+first loop with one line on stderr naming the argument or file, exit code 2
+(docs/errors.md).
 """
 import argparse
 import gc
@@ -30,26 +36,73 @@ import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir,  # noqa: E402
+                                run_main, user_files)
+from mmseg_selfattn.hooks import check_not_empty  # noqa: E402
 from mmseg_selfattn.sweep import (check_grid, grid_points, parse_grid,  # noqa: E402
                                   pipeline_overrides)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('config')
+    parser.add_argument('config', metavar='CONFIG')
     parser.add_argument('--grid', nargs='+', required=True, metavar='KEY=V1,V2')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
-    parser.add_argument('--separate', default='all',
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, type=key_value)
+    parser.add_argument('--separate', default='all', type=separate,
                         help="time 'all' points as separate runs, or only the first N")
     parser.add_argument('--work-dir', default='work_dirs/benchmark_sweep')
     parser.add_argument('--json', help='also write the report here')
     return parser.parse_args(argv)
 
 
+def separate(text: str) -> str:
+    """--separate: 'all' or a positive integer."""
+    if text != 'all' and not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'all' nor a positive integer")
+    return text
+
+
+def key_value(text: str) -> str:
+    """One --cfg-options item: KEY=VALUE (mmengine's DictAction fails on anything else
+    with a traceback)."""
+    key, sep, _ = text.partition('=')
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f'{text!r} is not KEY=VALUE, e.g. model.slide_crop=336')
+    return text
+
+
+def check_arguments(args) -> None:
+    """``UsageError`` for the mistakes that can be seen before anything is read."""
+    check_exists('CONFIG', args.config)
+    check_out_dir('--work-dir', args.work_dir)
+    if args.json is not None:
+        if osp.isdir(args.json):
+            raise UsageError(f'--json {args.json}: is a folder; give a file path')
+        if not osp.isdir(osp.dirname(args.json) or '.'):
+            raise UsageError(f'--json {args.json}: no such folder {osp.dirname(args.json)}')
+
+
+def check_test_set(cfg: Config, config: str) -> None:
+    """The test set can be read and is not empty (before the first timed loop, which
+    would fail inside the data loader)."""
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import DATASETS
+    init_default_scope(cfg.get('default_scope', 'mmseg'))
+    dataset_cfg = cfg.get('test_dataloader', {}).get('dataset')
+    if not dataset_cfg:
+        raise UsageError(f'CONFIG {config}: it has no test_dataloader.dataset (no test set)')
+    with user_files(f'the test set of CONFIG {config}'):
+        check_not_empty(DATASETS.build(dict(dataset_cfg, pipeline=[])))
+
+
 def base_config(args) -> Config:
-    cfg = Config.fromfile(args.config)
+    with user_files(f'CONFIG {args.config}'):
+        cfg = Config.fromfile(args.config)
     if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+        with user_files('--cfg-options', (ValueError, KeyError, TypeError)):
+            cfg.merge_from_dict(args.cfg_options)
+    if not isinstance(cfg.get('model'), dict):
+        raise UsageError(f'CONFIG {args.config}: it has no model')
     cfg.work_dir = args.work_dir
     cfg.default_hooks.logger.interval = 10**6  # no per-iteration log lines
     return cfg
@@ -76,21 +129,29 @@ def timed_loop(runner: Runner, loop_cfg: dict, model) -> dict:
     return dict(seconds=seconds, metrics=metrics, peak_gib=peak)
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    grid = check_grid(parse_grid(args.grid))
-    points = grid_points(grid)
+    check_arguments(args)
+    with user_files('--grid'):
+        grid = check_grid(parse_grid(args.grid))
+        points = grid_points(grid)
     count = len(points) if args.separate == 'all' else min(int(args.separate), len(points))
     cfg = base_config(args)
-    runner = Runner.from_cfg(cfg)  # one model; each point of a separate run is a variant
+    check_test_set(cfg, args.config)
+    source = f'the model of CONFIG {args.config}' + (
+        ' with --cfg-options' if args.cfg_options else '')
+    with user_files(source):  # a setting the model refuses
+        runner = Runner.from_cfg(cfg)  # one model; each point of a separate run is a variant
     model = runner.model
+    with user_files('--grid'):  # a value the model refuses, before the first loop
+        variants = [model.with_pipeline(**pipeline_overrides(model._pipeline_kwargs, point))
+                    for point in points]
     runner.call_hook('before_run')  # as runner.test() does (log files)
     test_loop = dict(type='TestLoop')
     timed_loop(runner, test_loop, model)  # warm-up: text embeddings, kernels, caches
     one = timed_loop(runner, test_loop, model)
     sweep = timed_loop(runner, dict(type='SweepLoop', points=points), model)
-    separate = [timed_loop(runner, test_loop, model.with_pipeline(
-        **pipeline_overrides(model._pipeline_kwargs, point))) for point in points[:count]]
+    separate = [timed_loop(runner, test_loop, variant) for variant in variants[:count]]
     mismatches = [index for index, run in enumerate(separate)
                   if {k: float(v) for k, v in run['metrics'].items()}
                   != {k: float(v) for k, v in sweep['metrics'][index].items()}]
@@ -118,7 +179,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.json:
         with open(args.json, 'w') as file:
             json.dump(report, file, indent=2)
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_main(main))

@@ -8,13 +8,19 @@ allocated before it and counted). CPU: the process's peak RSS, and its peak befo
 call (model, input, imports).
 Also printed: the returned class probabilities (C x H x W float32), which any method
 must hold, and the time of the call.
+
+A mistake in the arguments (a missing config, a size below 1, an unusable ``--json`` path,
+a setting the model refuses) stops it with one line on stderr naming the argument or file,
+exit code 2 (docs/errors.md).
 """
 import argparse
 import json
+import os.path as osp
 import resource
 import sys
 import time
 from pathlib import Path
+from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mmseg_selfattn  # noqa: E402,F401
@@ -25,17 +31,22 @@ from mmengine.registry import init_default_scope  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 
+from mmseg_selfattn.cli import UsageError, check_exists, run_main, user_files  # noqa: E402
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / \
     'configs/selfattn/selfattn-full_vit-b16_voc21.py'
 GIB = 2**30
 
 
-def measure(cfg: Config, size, device: str, precision: str) -> dict:
+def measure(cfg: Config, size, device: str, precision: str, source: str = 'the config'
+            ) -> dict:
     init_default_scope('mmseg')
     model_cfg = cfg.model.copy()
     model_cfg.update(precision=precision)
     model_cfg.clip = dict(model_cfg.clip, pretrained=None)
-    model = MODELS.build(model_cfg).to(device).eval()
+    with user_files(source):  # a setting the model refuses
+        model = MODELS.build(model_cfg)
+    model = model.to(device).eval()
     image = torch.randn(1, 3, *size, device=device)
     sample = SegDataSample(metainfo=dict(img_shape=tuple(size), ori_shape=tuple(size)))
     rss_before = _peak_rss_gib()
@@ -62,28 +73,84 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
 
 
-def main() -> None:
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a positive integer')
+    return value
+
+
+def torch_device(text: str) -> str:
+    """--device: cpu, cuda or cuda:N of a GPU that is there."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise argparse.ArgumentTypeError(f'{text!r} is not a device: use cpu, cuda or cuda:N')
+    count = torch.cuda.device_count() if device.type == 'cuda' else 0
+    if device.type == 'cuda' and not count:
+        raise argparse.ArgumentTypeError(f'{text!r}: no CUDA GPU is visible here; use cpu')
+    if device.type == 'cuda' and (device.index or 0) >= count:
+        raise argparse.ArgumentTypeError(f'{text!r}: there are {count} CUDA GPUs '
+                                         f'(cuda:0 to cuda:{count - 1})')
+    return text
+
+
+def key_value(text: str) -> str:
+    """One --cfg-options item: KEY=VALUE (mmengine's DictAction fails on anything else
+    with a traceback)."""
+    key, sep, _ = text.partition('=')
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f'{text!r} is not KEY=VALUE, e.g. model.slide_crop=336')
+    return text
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--config', default=str(DEFAULT_CONFIG))
-    parser.add_argument('--size', nargs=2, type=int, default=(4320, 7680), metavar=('H', 'W'))
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--size', nargs=2, type=positive_int, default=(4320, 7680),
+                        metavar=('H', 'W'))
+    parser.add_argument('--device', type=torch_device,
+                        default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cpu, cuda or cuda:N')
     parser.add_argument('--precision', nargs='+', default=['fp32'],
                         choices=['fp32', 'fp16', 'bf16'])
     parser.add_argument('--json', help='append the reports to this file (JSON lines)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
-    args = parser.parse_args()
-    cfg = Config.fromfile(args.config)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, type=key_value)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    check_exists('--config', args.config)
+    if args.json is not None and (osp.isdir(args.json)
+                                  or not osp.isdir(osp.dirname(args.json) or '.')):
+        raise UsageError(f'--json {args.json}: ' + (
+            'is a folder; give a file path' if osp.isdir(args.json) else
+            f'no such folder {osp.dirname(args.json)}'))
+    with user_files(f'--config {args.config}'):
+        cfg = Config.fromfile(args.config)
     if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+        with user_files('--cfg-options', (ValueError, KeyError, TypeError)):
+            cfg.merge_from_dict(args.cfg_options)
+    if not isinstance(cfg.get('model'), dict):
+        raise UsageError(f'--config {args.config}: it has no model')
+    source = f'the model of --config {args.config}' + (
+        ' with --cfg-options' if args.cfg_options else '')
     for precision in args.precision:
-        report = measure(cfg, args.size, args.device, precision)
+        report = measure(cfg, args.size, args.device, precision, source)
         print(json.dumps(report), flush=True)
         if args.json:
             with open(args.json, 'a') as file:
                 file.write(json.dumps(report) + '\n')
         if args.device.startswith('cuda'):
             torch.cuda.empty_cache()
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_main(main))
