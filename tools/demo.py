@@ -119,7 +119,7 @@ def torch_device(text: str) -> str:
     if device.type == 'cuda' and not count:
         raise argparse.ArgumentTypeError(f'{text!r}: no CUDA GPU is visible here; use cpu')
     if device.type == 'cuda' and (device.index or 0) >= count:
-        raise argparse.ArgumentTypeError(f'{text!r}: there are {count} CUDA GPUs '
+        raise argparse.ArgumentTypeError(f'{text!r}: this machine has {count} CUDA GPU(s) '
                                          f'(cuda:0 to cuda:{count - 1})')
     return text
 
@@ -201,8 +201,9 @@ def build_config(args: argparse.Namespace, out_dir: Path) -> Config:
             cfg.merge_from_dict(args.cfg_options)  # a number given a sub-key: TypeError
     model = cfg.get('model')
     if not isinstance(model, dict) or not isinstance(model.get('clip'), dict):
+        example = DEFAULT_CONFIG.relative_to(REPO_ROOT)
         raise UsageError(f'--config {args.config}: not a segmentor config of this package '
-                         f'(it has no model.clip); give e.g. {DEFAULT_CONFIG.relative_to(REPO_ROOT)}')
+                         f'(it has no model.clip); give e.g. {example}')
     if args.pretrained is not None:
         none = args.pretrained.lower() == 'none'
         cfg.model.clip.pretrained = None if none else args.pretrained

@@ -95,7 +95,7 @@ def torch_device(text: str) -> str:
     if device.type == 'cuda' and not count:
         raise argparse.ArgumentTypeError(f'{text!r}: no CUDA GPU is visible here; use cpu')
     if device.type == 'cuda' and (device.index or 0) >= count:
-        raise argparse.ArgumentTypeError(f'{text!r}: there are {count} CUDA GPUs '
+        raise argparse.ArgumentTypeError(f'{text!r}: this machine has {count} CUDA GPU(s) '
                                          f'(cuda:0 to cuda:{count - 1})')
     return text
 
