@@ -124,7 +124,8 @@ def error_cases(tmp_path: Path):
         (['--config', str(tmp_path / 'nope.py')], f'--config {tmp_path / "nope.py"}: no such file'),
         (['--config', a_file], f'--config {a_file}: Only py/yml/yaml/json type are supported now!'),
         ([image, '--out-dir', a_file], f'--out-dir {a_file}: exists and is not a folder'),
-        ([image, '--out-dir', f'{a_file}/sub'], f'--out-dir {a_file}/sub: {a_file} is not a folder'),
+        ([image, '--out-dir', f'{a_file}/sub'],
+         f'--out-dir {a_file}/sub: {a_file} is not a folder'),
         ([image, '--class-file', str(tmp_path / 'none.txt')],
          f'--class-file {tmp_path / "none.txt"}: no such file'),
         ([image, '--out-dir', out, '--class-file', write(tmp_path / 'empty.txt', b''),
@@ -132,8 +133,9 @@ def error_cases(tmp_path: Path):
          f'--class-file {tmp_path / "empty.txt"}: the class list is empty: give one class per '
          "line, synonyms separated by ',' or ';'."),
         ([image, '--out-dir', out, '--class-file', write(tmp_path / 'latin.txt', b'caf\xe9\n'),
-          *no_classes], f'--class-file {tmp_path / "latin.txt"} is not UTF-8 text: byte 0xe9 on line '
-         '1, column 4; save the file as UTF-8.'),
+          *no_classes],
+         f'--class-file {tmp_path / "latin.txt"} is not UTF-8 text: byte 0xe9 on line 1, '
+         'column 4; save the file as UTF-8.'),
         ([image, '--pretrained', str(tmp_path / 'w.pt')],
          f'--pretrained {tmp_path / "w.pt"}: no such file, and not an open_clip tag; give a '
          "checkpoint file, a tag such as openai, or 'none' for random weights"),
