@@ -10,30 +10,148 @@ that are missing, label maps that cannot be used (unreadable, RGB, another size 
 their image, values beyond 8 bits), and the label values of every label map after the dataset's encoding
 (reduce_zero_label, label_map) against its classes: each must be a class index or the
 ignore index 255. Exit status 1 when anything is missing or out of range.
+
+A mistake in the arguments or the user's files (a config that does not exist or does
+not parse, ``--data-root`` not a folder, a malformed ``--cfg-options``) is one line on
+stderr, exit status 2 (docs/errors.md).
+
+This file also holds the checks that tools/test.py, sweep.py, eval_all.py and ablate.py
+run before their first image (``load_config``, ``checked_runner``, ``check_launcher``).
 """
 import argparse
 import functools
 import os
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+warnings.filterwarnings('ignore', 'Fail to import ``MultiScaleDeformableAttention``')  # mmcv-lite
+warnings.filterwarnings('ignore', 'The draw is False')  # mmseg's hook, off in our configs
 import mmseg_selfattn  # noqa: E402,F401  (mmcv.ops stand-in, registers datasets)
 
 import numpy as np  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
 from mmengine.utils import track_parallel_progress, track_progress  # noqa: E402
 from mmseg.registry import DATASETS  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mmseg_selfattn.benchmarks import (BENCHMARKS, METHOD_CONFIGS, dataset_cfg_of,  # noqa: E402
                                        method_config, set_data_dir)
+from mmseg_selfattn.cli import (USER_FILE_ERRORS, UsageError, check_exists,  # noqa: E402
+                                run_main, user_files)
+from mmseg_selfattn.hooks import check_class_count, check_not_empty  # noqa: E402
 from mmseg_selfattn.transforms import LoadCheckedAnnotations  # noqa: E402
 
 IGNORE_INDEX = 255
+
+
+# -- what every evaluating tool checks before its first image --------------------------
+def parse_cli(parser: argparse.ArgumentParser,
+              argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``; a ``--cfg-options`` item without ``=`` (mmengine's
+    DictAction raises a bare ValueError) is argparse's one-line error naming the item."""
+    try:
+        return parser.parse_args(argv)
+    except ValueError:
+        items = list(sys.argv[1:] if argv is None else argv)
+        bad = None
+        if '--cfg-options' in items:
+            for item in items[items.index('--cfg-options') + 1:]:
+                if item.startswith('--'):
+                    break
+                if '=' not in item:
+                    bad = item
+                    break
+        parser.error('argument --cfg-options: every item must be KEY=VALUE (e.g. '
+                     'model.prob_thd=0.5)' + (f', got {bad!r}' if bad is not None else ''))
+
+
+def load_config(path, cfg_options: Optional[dict] = None, option: str = 'CONFIG') -> Config:
+    """``Config.fromfile(path)`` merged with ``--cfg-options``; a file that does not exist
+    or does not run (a config is Python: any error executing it is the file's), an
+    option the config cannot take (a list index beyond its end, a key below a number), or
+    a config without a test set (``test_dataloader.dataset``) is a ``UsageError`` naming
+    it."""
+    check_exists(option, str(path))
+    with user_files(f'{option} {path}', (Exception, )):
+        cfg = Config.fromfile(str(path))
+    if cfg_options:
+        with user_files('--cfg-options', USER_FILE_ERRORS + (TypeError, )):
+            cfg.merge_from_dict(cfg_options)
+    loader = cfg.get('test_dataloader')
+    dataset = loader.get('dataset') if isinstance(loader, dict) else None
+    while isinstance(dataset, dict) and 'dataset' in dataset and 'data_root' not in dataset:
+        dataset = dataset['dataset']  # as dataset_cfg_of looks through RepeatDataset
+    if not isinstance(dataset, dict):
+        raise UsageError(f'{option} {path}: no test set: the config needs '
+                         'test_dataloader = dict(dataset=dict(type=..., data_root=...), ...)')
+    return cfg
+
+
+LAUNCHERS = {'pytorch': ('torchrun', ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')),
+             'slurm': ('srun', ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST')),
+             'mpi': ('mpirun', ('OMPI_COMM_WORLD_LOCAL_RANK', 'OMPI_COMM_WORLD_RANK',
+                                'OMPI_COMM_WORLD_SIZE'))}
+
+
+def check_launcher(launcher: str) -> None:
+    """``--launcher X`` needs the environment its process starter sets."""
+    starter, names = LAUNCHERS.get(launcher, ('', ()))
+    missing = [name for name in names if name not in os.environ]
+    if missing:
+        raise UsageError(f'--launcher {launcher}: {", ".join(missing)} not set; start the '
+                         f'tool with {starter} (one process per GPU), or leave out --launcher')
+
+
+def check_data_folders(cfg: Config, what: str, hint: str = '') -> None:
+    """``UsageError`` naming ``what`` (the config) and the first missing folder or split
+    file of the test set, before anything is built."""
+    problems = missing_paths(dataset_cfg_of(cfg))
+    if problems:
+        more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
+        first = problems[0].replace(': ', ' ', 1)  # 'data_root /x does not exist'
+        raise UsageError(f'{what}: test data not found: {first}{more}; '
+                         f'{hint or "set test_dataloader.dataset.data_root"}')
+
+
+@contextmanager
+def build_errors(what: str) -> Iterator[None]:
+    """``user_files(what)`` for building a model, dataset or runner from a config: also an
+    unknown or missing config key (the ``TypeError`` of the constructor's call)."""
+    try:
+        with user_files(what):
+            yield
+    except TypeError as error:
+        message = str(error)
+        if 'unexpected keyword argument' not in message and \
+                'required positional argument' not in message:
+            raise  # a bug of ours
+        raise UsageError(f'{what}: {" ".join(message.split())}') from error
+
+
+def checked_runner(cfg: Config, what: str, hint: str = '', runner_cls=Runner) -> Runner:
+    """The Runner of ``cfg`` with its model and test loop built and the test set checked
+    (folders and split file exist, the split lists images, the model has one class per
+    dataset class), before the first image. A mistake in the config or the user's files
+    (a value the model refuses, unknown keys, a dataset type that does not exist, missing
+    weights) is a ``UsageError`` naming ``what``; errors of the test loop itself are not
+    caught."""
+    check_data_folders(cfg, what, hint)
+    with build_errors(what):
+        runner = runner_cls.from_cfg(cfg)
+        dataset = runner.test_loop.dataloader.dataset  # builds the loop and dataset
+        check_not_empty(dataset)  # what TestSetCheckHook checks again in before_test
+        class_names = getattr(getattr(runner.model, 'module', runner.model),
+                              'class_names', None)
+        if class_names is not None:
+            check_class_count(class_names, dataset)
+    return runner
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -47,11 +165,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='processes reading label maps')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='overrides merged into every config')
-    args = parser.parse_args(argv)
+    args = parse_cli(parser, argv)
     if not args.configs and not args.method:
         parser.error('give CONFIG files or --method')
     if args.nproc < 1:
-        parser.error(f'--nproc must be >= 1, got {args.nproc}')
+        parser.error(f'argument --nproc: must be >= 1, got {args.nproc}')
     return args
 
 
@@ -83,17 +201,16 @@ def read_label_map(info: dict) -> Tuple[str, np.ndarray, Optional[str]]:
 
 def check(config: Path, args: argparse.Namespace) -> List[str]:
     """Prints the report of one config; returns its problems."""
-    cfg = Config.fromfile(str(config))
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_config(config, args.cfg_options)
     set_data_dir(cfg, args.data_root)
     init_default_scope(cfg.get('default_scope', 'mmseg'))
     dataset_cfg = dataset_cfg_of(cfg)
-    print(f'== {config}\n   {dataset_cfg["type"]} at {dataset_cfg.get("data_root")}')
+    print(f'== {config}\n   {dataset_cfg.get("type")} at {dataset_cfg.get("data_root")}')
     problems = missing_paths(dataset_cfg)
     if problems:
         return problems
-    dataset = DATASETS.build(dict(dataset_cfg, pipeline=[], lazy_init=False))
+    with build_errors(f'CONFIG {config}'):
+        dataset = DATASETS.build(dict(dataset_cfg, pipeline=[], lazy_init=False))
     infos = [dataset.get_data_info(index) for index in range(len(dataset))]
     classes = dataset.metainfo['classes']
     benchmark = next((b for b in BENCHMARKS.values()
@@ -136,6 +253,9 @@ def check(config: Path, args: argparse.Namespace) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    check_exists('--data-root', args.data_root, 'folder')
+    for config in args.configs:  # all of them before the first report
+        check_exists('CONFIG', config)
     configs = [Path(c) for c in args.configs]
     if args.method:
         configs += [method_config(args.method, key, REPO_ROOT / 'configs') for key in BENCHMARKS]
@@ -151,4 +271,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_main(main))
