@@ -8,27 +8,40 @@ CHECKPOINT is optional: the segmentor loads its CLIP weights itself, from
 ``--show-dir DIR`` writes ``DIR/<image stem>.png`` per image: photo, ground truth and
 prediction side by side (mmseg_selfattn/visualization.py). A progress bar with an ETA
 goes to stderr (mmseg_selfattn/progress.py) unless ``--no-progress``.
+
+A mistake in the arguments or the user's files (a config or checkpoint that does not
+exist, an output folder that is a file, a value the model refuses, test data that is not
+there, a class list that does not fit the dataset) is one line on stderr, exit status 2,
+before the first image (docs/errors.md).
 """
 import argparse
 import os
 import os.path as osp
 import sys
 import time
+import warnings
+from typing import List, Optional
 
 # Usable from a plain checkout: the repo root goes on sys.path, and the
 # package is imported before mmseg so that its mmcv.ops stand-in is in place.
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+sys.path.append(osp.dirname(osp.abspath(__file__)))  # check_data.py (after the stdlib)
+warnings.filterwarnings('ignore', 'Fail to import ``MultiScaleDeformableAttention``')  # mmcv-lite
+warnings.filterwarnings('ignore', 'The draw is False')  # mmseg's hook, off in our configs
 import mmseg_selfattn  # noqa: E402,F401
 
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
 
+from check_data import (check_launcher, checked_runner, load_config,  # noqa: E402
+                        parse_cli)
+from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir,  # noqa: E402
+                                run_main)
 from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
 from mmseg_selfattn.progress import with_progress  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='MMSeg test (and eval) a training-free CLIP segmentor')
     parser.add_argument('config', help='test config file path')
@@ -73,7 +86,9 @@ def parse_args() -> argparse.Namespace:
                         help='no progress bar (images done, images/s, ETA) on stderr')
     # torch.distributed.launch passes --local-rank (torch>=2.0) or --local_rank
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
+    args = parse_cli(parser, argv)
+    if args.wait_time < 0:
+        parser.error(f'argument --wait-time: must be >= 0 seconds, got {args.wait_time:g}')
     if args.show and sys.platform.startswith('linux') and not (
             os.environ.get('DISPLAY') or os.environ.get('WAYLAND_DISPLAY')):
         parser.error('--show needs a display (neither DISPLAY nor WAYLAND_DISPLAY is '
@@ -88,9 +103,9 @@ def trigger_visualization_hook(cfg: Config,
     """Switch on SegVisualizationHook's drawing and showing for --show."""
     default_hooks = cfg.default_hooks
     if 'visualization' not in default_hooks:
-        raise RuntimeError(
-            'VisualizationHook must be included in default_hooks. '
-            'refer to usage "visualization=dict(type=\'VisualizationHook\')"')
+        raise UsageError(
+            f'--show: CONFIG {args.config} has no default_hooks.visualization; add '
+            "visualization=dict(type='SegVisualizationHook') or use --show-dir DIR")
     visualization_hook = default_hooks['visualization']
     visualization_hook['draw'] = True
     visualization_hook['show'] = True
@@ -114,13 +129,15 @@ class SteadyThroughputHook(Hook):
         self.end = time.perf_counter()
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    check_exists('CHECKPOINT', args.checkpoint)
+    for option in ('--work-dir', '--show-dir', '--out'):
+        check_out_dir(option, getattr(args, option[2:].replace('-', '_')))
+    check_launcher(args.launcher)
 
-    cfg = Config.fromfile(args.config)
+    cfg = load_config(args.config, args.cfg_options)
     cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
 
     # work_dir priority: CLI > config file > work_dirs/<config stem>
     if args.work_dir is not None:
@@ -147,7 +164,9 @@ def main() -> None:
     with_test_set_checks(cfg)  # also for configs without our default_runtime
     if not args.no_progress:
         with_progress(cfg)
-    runner = Runner.from_cfg(cfg)
+    runner = checked_runner(
+        cfg, f'CONFIG {args.config}' + (' with --cfg-options' if args.cfg_options else ''),
+        'set test_dataloader.dataset.data_root with --cfg-options')
     steady = SteadyThroughputHook()
     runner.register_hook(steady, priority='LOWEST')
     start = time.perf_counter()
@@ -170,4 +189,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_main(main))
