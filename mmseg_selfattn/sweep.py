@@ -238,8 +238,8 @@ class SweepLoop(TestLoop):
     def _resume(self) -> int:
         if not self.state_file or not osp.exists(self.state_file):
             return 0
-        state = torch.load(self.state_file, weights_only=False)
-        if state.get('fingerprint') != self.fingerprint:
+        state = read_state(self.state_file, self.fingerprint, len(self.evaluators))
+        if state is None:
             return 0
         for point_evaluator, results in zip(self.evaluators, state['results']):
             point_evaluator.metrics[0].results = results
@@ -253,6 +253,32 @@ class SweepLoop(TestLoop):
         tmp = self.state_file + '.tmp'
         torch.save(state, tmp)
         os.replace(tmp, self.state_file)  # a kill while saving keeps the previous state
+
+
+def read_state(path: str, fingerprint: str, points: int) -> Optional[Dict[str, Any]]:
+    """The progress saved in ``path`` by a sweep of the same ``fingerprint``, else None:
+    silently for another config, grid or world size; with a one-line warning naming the
+    file when it cannot be read (truncated, not a saved state, unreadable) or does not
+    hold ``points`` points' results. The sweep then starts over."""
+    try:
+        state = torch.load(path, weights_only=False)
+        problem = None
+    except Exception as error:  # noqa: BLE001  (any unreadable file: start over)
+        state, problem = None, f'{type(error).__name__}: {error}'
+    if problem is None:
+        if not isinstance(state, dict) or not {'fingerprint', 'batches', 'results'} <= set(state):
+            problem = 'not a saved sweep state (fingerprint, batches, results)'
+        elif state['fingerprint'] != fingerprint:
+            return None  # another sweep's progress
+        elif not isinstance(state['batches'], int) or state['batches'] < 0 or \
+                not isinstance(state['results'], list) or len(state['results']) != points:
+            problem = f'not the results of {points} points'
+    if problem is None:
+        return state
+    problem = ' '.join(problem.split())[:200]
+    MMLogger.get_current_instance().warning(
+        f'sweep: the saved progress {path} cannot be read ({problem}); starting over')
+    return None
 
 
 def _effective(kwargs: Dict[str, Any]) -> Dict[str, Any]:

@@ -9,6 +9,7 @@ from mmengine.runner import Runner
 from mmseg.registry import METRICS
 
 from mmseg_selfattn import sweep as sweep_module
+from mmseg_selfattn.cli import UsageError
 from mmseg_selfattn.metrics import CheckedIoUMetric
 from mmseg_selfattn.sweep import check_grid, grid_points, parse_grid, pipeline_overrides
 
@@ -123,6 +124,25 @@ def test_an_interrupted_sweep_resumes(swept, tmp_path, monkeypatch):
     assert run_sweep(tmp_path, '--rerun') == clean and len(calls) == 3
 
 
+def test_a_state_that_cannot_be_read_starts_over(swept, tmp_path, capsys):
+    """A truncated state file (a disk full) no longer stops the sweep until --rerun: a
+    warning names it and the sweep starts over."""
+    _, clean, _ = swept
+    state_file = tmp_path / 'sweep_state.pth.rank0'
+    torch.save(dict(fingerprint='0123', batches=2, results=[[]] * 4), state_file)
+    state_file.write_bytes(state_file.read_bytes()[:100])
+    capsys.readouterr()
+    assert run_sweep(tmp_path) == clean
+    output = capsys.readouterr()
+    warnings = [line for line in (output.out + output.err).splitlines()
+                if 'cannot be read' in line]
+    assert len(warnings) == 1, output
+    assert f'sweep: the saved progress {state_file} cannot be read (' in warnings[0]
+    assert warnings[0].endswith('starting over')
+    assert len(AccumulatorRecordingIoUMetric.runs[0]) == 3  # all three images again
+    assert torch.load(state_file, weights_only=False)['batches'] == 3
+
+
 @pytest.mark.parametrize('key, message', [
     ('slide_crop', 'sliding window'),
     ('model.clip.pretrained', 'CLIP architecture and weights'),
@@ -157,10 +177,11 @@ def test_grid_parsing_and_points():
 
 
 def test_bad_stage_values_fail_before_the_first_image(tmp_path):
-    with pytest.raises(ValueError, match=r'ctd_cfg: unknown key\(s\) \[.bogus.\]'):
+    """A user's mistake (UsageError: one line, exit 2 from the command line)."""
+    with pytest.raises(UsageError, match=r'--grid: ctd_cfg: unknown key\(s\) \[.bogus.\]'):
         sweep_tool.main([str(CONFIG), '--grid', 'ctd_cfg.bogus=1', '--work-dir', str(tmp_path),
                          '--no-progress', '--cfg-options', *SMALL])
-    with pytest.raises(ValueError, match='enhancement_strength'):
+    with pytest.raises(UsageError, match='--grid: self_attn_enhancement_cfg.enhancement_str'):
         sweep_tool.main([str(CONFIG), '--grid',
                          'self_attn_enhancement_cfg.enhancement_strength=-1',
                          '--work-dir', str(tmp_path), '--no-progress', '--cfg-options', *SMALL])

@@ -22,6 +22,10 @@ first, with the ``--cfg-options`` that reproduce each) and ``sweep.json``. Progr
 saved every ``--save-every`` batches: a killed sweep, run again with the same
 arguments, resumes there (``--rerun`` starts over). Multi-GPU:
 ``torchrun --nproc_per_node=N tools/sweep.py CONFIG --grid ... --launcher pytorch``.
+
+A mistake in the arguments or the user's files (a config or grid file that does not
+exist, an empty grid or value, a refused key or value, test data that is not there) is
+one line on stderr, exit status 2, before the first image (docs/errors.md).
 """
 import argparse
 import csv
@@ -30,16 +34,23 @@ import os
 import os.path as osp
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+sys.path.append(osp.dirname(osp.abspath(__file__)))  # check_data.py (after the stdlib)
+warnings.filterwarnings('ignore', 'Fail to import ``MultiScaleDeformableAttention``')  # mmcv-lite
+warnings.filterwarnings('ignore', 'The draw is False')  # mmseg's hook, off in our configs
 import mmseg_selfattn  # noqa: E402,F401  (mmcv.ops stand-in, registers modules)
 
 from mmengine.config import Config, DictAction  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
 
+from check_data import (check_launcher, checked_runner, load_config,  # noqa: E402
+                        parse_cli)
 from mmseg_selfattn.benchmarks import config_fingerprint, set_data_dir  # noqa: E402
+from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir,  # noqa: E402
+                                run_main, user_files)
 from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
 from mmseg_selfattn.progress import with_progress  # noqa: E402
 from mmseg_selfattn.sweep import (cfg_options, check_grid,  # noqa: E402
@@ -69,25 +80,50 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.save_every < 1 or (args.batch_size is not None and args.batch_size < 1):
-        parser.error('--save-every and --batch-size must be >= 1')
+    args = parse_cli(parser, argv)
+    for option, value in (('--save-every', args.save_every), ('--batch-size', args.batch_size)):
+        if value is not None and value < 1:
+            parser.error(f'argument {option}: must be >= 1, got {value}')
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
 
 
+def grid_source(args: argparse.Namespace) -> str:
+    """Where the grid comes from, as the user wrote it (for messages)."""
+    sources = (['--grid'] if args.grid else []) + (
+        [f'--grid-file {args.grid_file}'] if args.grid_file else [])
+    return ' / '.join(sources) or f'sweep_grid of CONFIG {args.config}'
+
+
 def read_grid(args: argparse.Namespace, cfg: Config) -> Dict[str, list]:
-    grid = dict(cfg.get('sweep_grid') or {})
+    grid = cfg.get('sweep_grid') or {}
+    if not isinstance(grid, dict):
+        raise UsageError(f'CONFIG {args.config}: sweep_grid must be a dict '
+                         f'{{KEY: [values]}}, got {type(grid).__name__}')
+    grid = dict(grid)
     if args.grid_file:
-        grid.update(Config.fromfile(args.grid_file).get('grid') or {})
-    grid.update(parse_grid(args.grid))
-    return check_grid(grid)
+        check_exists('--grid-file', args.grid_file)
+        with user_files(f'--grid-file {args.grid_file}', (Exception, )):  # Python: its errors
+            file_grid = Config.fromfile(args.grid_file).get('grid')
+        if not isinstance(file_grid, dict):
+            raise UsageError(f'--grid-file {args.grid_file}: expected a Python file defining '
+                             'grid = {KEY: [values]}, e.g. grid = {"ctd_cfg.eps": [0.1, 0.2]}'
+                             + ('' if file_grid is None else
+                                f'; its grid is a {type(file_grid).__name__}'))
+        grid.update(file_grid)
+    with user_files('--grid'):
+        grid.update(parse_grid(args.grid))
+    for item in args.grid:
+        key, _, values = item.partition('=')
+        if '' in grid.get(key, ()):
+            raise UsageError(f'--grid {item!r}: an empty value; expected KEY=V1,V2,... with '
+                             'no empty item (e.g. ctd_cfg.eps=0.1,0.2)')
+    with user_files(grid_source(args)):
+        return check_grid(grid)
 
 
 def sweep_config(args: argparse.Namespace) -> Config:
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_config(args.config, args.cfg_options)
     set_data_dir(cfg, args.data_root and str(Path(args.data_root).resolve()))
     if args.batch_size is not None:
         cfg.test_dataloader.batch_size = args.batch_size
@@ -131,7 +167,11 @@ def write_tables(grid: Dict[str, list], points: list, metrics: list, work_dir: P
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
+    check_out_dir('--work-dir', args.work_dir)
+    check_exists('--data-root', args.data_root, 'folder')
+    check_launcher(args.launcher)
     cfg = sweep_config(args)
+    check_out_dir('work_dir of the config', cfg.work_dir)
     grid = read_grid(args, cfg)
     points = grid_points(grid)
     work_dir = Path(cfg.work_dir)
@@ -147,7 +187,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not args.no_progress:
         with_progress(cfg)
     start = time.perf_counter()
-    runner = Runner.from_cfg(cfg)
+    what = f'CONFIG {args.config}' + (' with --cfg-options' if args.cfg_options else '')
+    runner = checked_runner(cfg, what, 'give --data-root DIR or set '
+                            'test_dataloader.dataset.data_root with --cfg-options')
+    with user_files(grid_source(args)):  # each point's pipeline: a refused value fails here
+        runner.test_loop._variants(getattr(runner.model, 'module', runner.model))
     metrics = [{key: float(value) for key, value in point.items()} for point in runner.test()]
     seconds = time.perf_counter() - start
     if runner.rank == 0:
@@ -160,4 +204,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_main(main))
