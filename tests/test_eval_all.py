@@ -230,3 +230,29 @@ def test_explicit_configs_are_entries_named_by_stem(data_root, tmp_path):
             assert rows[name][key] == f"{result['metrics'][key]:.2f}"
     assert not (work_dir / 'voc21').exists() and not (work_dir / 'voc20').exists()
     assert "papers' column order" not in (work_dir / 'results.md').read_text()
+
+
+def test_unreadable_result_is_evaluated_again(voc_ade_run, data_root, tmp_path, capsys):
+    """A truncated result.json (a disk full, a copy cut short) is neither a failure nor
+    kept: the entry is evaluated again, with one warning naming the file."""
+    _, _, first_dir = voc_ade_run
+    work_dir = tmp_path / 'work'
+    shutil.copytree(first_dir, work_dir)
+    result_file = work_dir / 'voc21' / 'result.json'
+    before = read_result(work_dir, 'voc21')
+    result_file.write_text(result_file.read_text()[:25])
+    capsys.readouterr()
+    status, output = run_main(['--method', 'naclip', '--benchmarks', 'voc21', 'ade20k',
+                               '--data-root', data_root, '--work-dir', work_dir, *FAST])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if 'warning' in line]
+    assert status == 0
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f'eval_all: warning: {result_file} cannot be read '
+                                  '(JSONDecodeError: ')
+    assert warnings[0].endswith('evaluating the entry again')
+    assert '[eval_all 1/2] voc21: evaluating' in output
+    assert '[eval_all 2/2] ade20k: done earlier, kept' in output
+    assert 'FAILED' not in output
+    after = read_result(work_dir, 'voc21')
+    assert after['fingerprint'] == before['fingerprint']
+    assert after['metrics'] == pytest.approx(before['metrics'])

@@ -16,6 +16,13 @@ The table (mIoU, mAcc, aAcc per entry and their average) is printed and written 
 ``WORK_DIR/results.md`` and ``WORK_DIR/results.csv``. Each entry's line "[eval_all i/n]"
 gives the elapsed time and an ETA of the whole set; a progress bar of its test loop
 goes to stderr unless ``--no-progress``.
+
+A mistake in eval_all's own arguments (a ``--configs`` file that does not exist, two
+configs of one name, ``--work-dir`` or ``--data-root`` not a folder, a malformed
+``--cfg-options``) is one line on stderr, exit status 2, before any entry runs. A
+mistake in one entry's config or data (a value the model refuses, missing test data)
+fails that entry with one line, the others still run. A ``result.json`` that cannot be
+read (truncated, not a result) is evaluated again, with a warning naming it.
 """
 import argparse
 import csv
@@ -27,21 +34,28 @@ import os.path as osp
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
 # Usable from a plain checkout; the package goes before mmseg (mmcv.ops stand-in).
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.append(str(REPO_ROOT / 'tools'))  # check_data.py (after the stdlib)
+warnings.filterwarnings('ignore', 'Fail to import ``MultiScaleDeformableAttention``')  # mmcv-lite
+warnings.filterwarnings('ignore', 'The draw is False')  # mmseg's hook, off in our configs
 import mmseg_selfattn  # noqa: E402,F401
 
 import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
 
+from check_data import (check_launcher, checked_runner, load_config,  # noqa: E402
+                        parse_cli)
 from mmseg_selfattn.benchmarks import (BENCHMARKS, METHOD_CONFIGS,  # noqa: E402
                                        config_fingerprint, method_config,
                                        set_data_dir)
+from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir,  # noqa: E402
+                                run_main, user_files)
 from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
 from mmseg_selfattn.progress import RunSetProgress, with_progress  # noqa: E402
 
@@ -70,7 +84,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher (one process per GPU)')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parse_cli(parser, argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
 
@@ -82,23 +96,23 @@ def entries_of(args: argparse.Namespace) -> Dict[str, Path]:
                 for bench in BENCHMARKS if bench in args.benchmarks}  # papers' order
     entries = {}
     for config in args.configs:
+        check_exists('--configs', config)
         name = Path(config).stem
         if name in entries:
-            raise SystemExit(f'eval_all: two configs named {name!r}; rename one.')
+            raise UsageError(f'--configs {entries[name]} {config}: two configs named {name!r} '
+                             '(an entry and its folder are named by the file stem); rename one')
         entries[name] = Path(config)
     return entries
 
 
 def resolved_config(config: Path, args: argparse.Namespace) -> Config:
-    if not config.is_file():
-        raise FileNotFoundError(f'config file {config} does not exist')
-    cfg = Config.fromfile(str(config))
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_config(config, args.cfg_options)
     return set_data_dir(cfg, args.data_root and str(Path(args.data_root).resolve()))
 
 
-def evaluate(name: str, cfg: Config, work_dir: Path, launcher: str, progress: bool) -> dict:
+def evaluate(name: str, cfg: Config, work_dir: Path, launcher: str, progress: bool,
+             what: str = 'CONFIG') -> dict:
+    """One entry's metrics; ``what`` names its config in a message about a user's mistake."""
     cfg.work_dir = str(work_dir)
     cfg.launcher = launcher
     if launcher != 'none' and cfg.get('model_wrapper_cfg') is None:
@@ -109,7 +123,8 @@ def evaluate(name: str, cfg: Config, work_dir: Path, launcher: str, progress: bo
     if progress:
         with_progress(cfg)
     start = time.perf_counter()
-    runner = Runner.from_cfg(cfg)
+    runner = checked_runner(cfg, what, 'give --data-root DIR (the layout of '
+                            'data/, see docs/benchmarks.md)')
     metrics = runner.test()
     result = dict(metrics={key: float(metrics[key]) for key in METRICS if key in metrics},
                   images=len(runner.test_dataloader.dataset),
@@ -166,15 +181,39 @@ def write_tables(results: Dict[str, dict], work_dir: Path, title: str) -> str:
     return text
 
 
+def stored_result(result_file: Path, warn) -> Optional[dict]:
+    """The stored result of an entry, or None (and a one-line warning naming the file)
+    when it cannot be read or is not a finished entry's result: evaluated again then."""
+    try:
+        stored = json.loads(result_file.read_text())
+        ok = (isinstance(stored, dict) and isinstance(stored.get('fingerprint'), str)
+              and isinstance(stored.get('metrics'), dict)
+              and all(isinstance(value, (int, float)) for value in stored['metrics'].values())
+              and isinstance(stored.get('images'), int))
+        problem = None if ok else 'not a result (fingerprint, metrics, images)'
+    except (OSError, ValueError) as error:  # ValueError: invalid JSON / UTF-8
+        stored, problem = None, ' '.join(f'{type(error).__name__}: {error}'.split())[:200]
+    if problem is None:
+        return stored
+    warn(f'{result_file} cannot be read ({problem}); evaluating the entry again')
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    entries = entries_of(args)
     work_dir = Path(args.work_dir or osp.join('work_dirs', 'eval_all', args.method or 'configs'))
-    work_dir.mkdir(parents=True, exist_ok=True)
+    check_out_dir('--work-dir', str(work_dir))
+    check_exists('--data-root', args.data_root, 'folder')
+    check_launcher(args.launcher)
+    entries = entries_of(args)
+    with user_files(f'--work-dir {work_dir}'):
+        work_dir.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get('RANK', 0))  # set by torchrun; only rank 0 writes
     weights = set()
 
     say = functools.partial(print, flush=True) if rank == 0 else lambda *_: None
+    warn = functools.partial(print, 'eval_all: warning:', file=sys.stderr, flush=True) \
+        if rank == 0 else lambda *_: None
     results: Dict[str, dict] = {}
     runs = RunSetProgress(len(entries))
     for index, (name, config) in enumerate(entries.items(), 1):
@@ -186,15 +225,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg = resolved_config(config, args)
             key = config_fingerprint(cfg)  # not where logs go, how many GPUs
             weights.add(str(cfg.model.get('clip', {}).get('pretrained', '?')))
-            if result_file.is_file() and not args.rerun:
-                stored = json.loads(result_file.read_text())
-                if stored.get('fingerprint') == key:
+            stored = None
+            if result_file.exists() and not args.rerun:
+                stored = stored_result(result_file, warn)
+            if stored is not None:
+                if stored['fingerprint'] == key:
                     results[name] = stored
                     say(f'{prefix}: done earlier, kept ({result_file})')
                     continue
                 say(f'{prefix}: config changed since the stored result, evaluating again')
             say(f'{prefix}: evaluating {config} ({runs.status(index)})')
-            result = evaluate(name, cfg, entry_dir, args.launcher, not args.no_progress)
+            result = evaluate(name, cfg, entry_dir, args.launcher, not args.no_progress,
+                              f'CONFIG {config}' + (' with --cfg-options'
+                                                    if args.cfg_options else ''))
             runs.timed(result['seconds'])
             result.update(config=str(config), fingerprint=key)
             if rank == 0:
@@ -202,7 +245,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 (entry_dir / 'error.txt').unlink(missing_ok=True)
             results[name] = result
         except Exception as error:  # noqa: BLE001  (reported; the others still run)
-            message = f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'
+            message = str(error).splitlines()[0] if str(error) else ''
+            if not isinstance(error, UsageError):  # a user's mistake needs no type name
+                message = f'{type(error).__name__}: {message}'
             results[name] = dict(error=message[:200])
             if rank == 0:
                 (entry_dir / 'error.txt').write_text(traceback.format_exc())
@@ -217,4 +262,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_main(main))
