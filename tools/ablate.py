@@ -8,24 +8,35 @@ Every row is evaluated with mmengine's Runner, as tools/test.py does; the table
 (markdown) is printed and written to ``<work-dir>/ablation.md``. Each row starts with a
 line "[i/n] <config>: evaluating (elapsed, ETA of the set)"; a progress bar of the
 row's test loop goes to stderr unless ``--no-progress``.
+
+A mistake in the arguments or the user's files (a config or folder that does not exist,
+a folder without configs, ``--work-dir`` naming a file, a value a row's model refuses,
+test data that is not there) is one line on stderr, exit status 2: every config is read
+before the first row runs, each row's model and data are checked before its first image.
 """
 import argparse
 import os.path as osp
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import List, Optional
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+sys.path.append(osp.dirname(osp.abspath(__file__)))  # check_data.py (after the stdlib)
+warnings.filterwarnings('ignore', 'Fail to import ``MultiScaleDeformableAttention``')  # mmcv-lite
+warnings.filterwarnings('ignore', 'The draw is False')  # mmseg's hook, off in our configs
 import mmseg_selfattn  # noqa: E402,F401  (mmcv.ops stand-in, registers modules)
 
-from mmengine.config import Config, DictAction  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 
+from check_data import checked_runner, load_config, parse_cli  # noqa: E402
+from mmseg_selfattn.cli import UsageError, check_out_dir, run_main, user_files  # noqa: E402
 from mmseg_selfattn.progress import RunSetProgress, with_progress  # noqa: E402
 from mmseg_selfattn.stages import PIPELINE_STAGES  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Evaluate an ablation set, one row per config')
     parser.add_argument('ablation_set', nargs='+',
                         help='a folder of configs (name order) or config files')
@@ -34,15 +45,21 @@ def parse_args() -> argparse.Namespace:
                         help='applied to every config, e.g. model.clip.pretrained=None')
     parser.add_argument('--no-progress', action='store_true',
                         help="no progress bar of each row's test loop on stderr")
-    return parser.parse_args()
+    return parse_cli(parser, argv)
 
 
 def config_files(ablation_set) -> list:
     files = []
     for entry in map(Path, ablation_set):
-        files += sorted(entry.glob('*.py')) if entry.is_dir() else [entry]
-    if not files:
-        raise SystemExit(f'no config files in {ablation_set}')
+        if entry.is_dir():
+            configs = sorted(entry.glob('*.py'))
+            if not configs:
+                raise UsageError(f'ABLATION_SET {entry}: a folder without config files (*.py)')
+            files += configs
+        elif entry.is_file():
+            files.append(entry)
+        else:
+            raise UsageError(f'ABLATION_SET {entry}: no such folder or config file')
     return files
 
 
@@ -60,22 +77,26 @@ def weights_note(model_cfg) -> str:
 
 
 def evaluate(config: Path, args: argparse.Namespace, row: int):
-    cfg = Config.fromfile(str(config))
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_config(config, args.cfg_options)
     cfg.work_dir = osp.join(args.work_dir, config.stem)
     cfg.experiment_name = f'{config.stem}_{row}_{time.strftime("%Y%m%d_%H%M%S")}'
     if not args.no_progress:
         with_progress(cfg)
     start = time.perf_counter()
-    metrics = Runner.from_cfg(cfg).test()
+    runner = checked_runner(cfg, f'CONFIG {config}' + (' with --cfg-options'
+                                                       if args.cfg_options else ''),
+                            'set test_dataloader.dataset.data_root with --cfg-options')
+    metrics = runner.test()
     return cfg, metrics, time.perf_counter() - start
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    check_out_dir('--work-dir', args.work_dir)
     rows, note = [], None
     files = config_files(args.ablation_set)
+    for config in files:  # a broken config fails now, not after the rows before it
+        load_config(config, args.cfg_options)
     progress = RunSetProgress(len(files))
     for index, config in enumerate(files):
         print(f'[{index + 1}/{len(files)}] {config.stem}: evaluating '
@@ -90,7 +111,8 @@ def main() -> None:
         f'# Ablation: {" ".join(args.ablation_set)}', '', note, '',
         '| # | config | stages on | mIoU | mAcc | aAcc | time (s) |',
         '| --- | --- | --- | --- | --- | --- | --- |', *rows, ''])
-    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    with user_files(f'--work-dir {args.work_dir}'):
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     out_file = Path(args.work_dir) / 'ablation.md'
     out_file.write_text(table)
     print('\n' + table)
@@ -98,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_main(main))

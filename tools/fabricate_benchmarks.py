@@ -20,13 +20,24 @@ Each root also holds files that a real download has and an evaluation must skip
 (training images outside the split file, raw masks beside the converted ones), so
 the data wiring is checked, not only the happy path. Images are random colour blocks
 of varying sizes: the evaluation wiring runs, the mIoU means nothing.
+
+A mistake in the arguments (OUT naming a file, ``--images`` below 1, a negative
+``--seed``, a folder that cannot be written) is one line on stderr, exit status 2.
 """
 import argparse
+import os.path as osp
+import sys
+import warnings
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+warnings.filterwarnings('ignore', 'Fail to import ``MultiScaleDeformableAttention``')  # mmcv-lite
+from mmseg_selfattn.cli import check_out_dir, run_main, user_files  # noqa: E402
+
 
 def voc_palette() -> np.ndarray:
     """PASCAL VOC's colour map (256 x RGB) of its palette PNGs: bits of the label spread
@@ -167,17 +178,22 @@ def fabricate(out: Path, num_images: int = 3, seed: int = 0) -> Dict[str, List[S
                                         num_images))
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('out', help='folder to write the five dataset roots into')
     parser.add_argument('--images', type=int, default=3, help='images per split')
     parser.add_argument('--seed', type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.images < 1:
-        parser.error(f'--images must be >= 1, got {args.images}')
-    for benchmark, samples in fabricate(Path(args.out), args.images, args.seed).items():
+        parser.error(f'argument --images: must be >= 1, got {args.images}')
+    if args.seed < 0:
+        parser.error(f'argument --seed: must be >= 0, got {args.seed}')
+    check_out_dir('OUT', args.out)
+    with user_files(f'OUT {args.out}', (OSError, )):  # e.g. not writable, a file on the path
+        benchmarks = fabricate(Path(args.out), args.images, args.seed)
+    for benchmark, samples in benchmarks.items():
         print(f'{benchmark}: {len(samples)} images')
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_main(main))
