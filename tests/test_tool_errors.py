@@ -122,8 +122,9 @@ def test_test_py(argv, expected, files, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize('argv, expected', [
     ([VOC, '--cfg-options', 'model.prob_thd'],
-     "argument --cfg-options: every item must be KEY=VALUE (e.g. model.prob_thd=0.5), got "
-     "'model.prob_thd'"),
+     "argument --cfg-options: 'model.prob_thd' is not KEY=VALUE, e.g. model.slide_crop=336"),
+    ([VOC, '--cfg-options', '=3'],
+     "argument --cfg-options: '=3' is not KEY=VALUE, e.g. model.slide_crop=336"),
     ([VOC, '--wait-time', '-1'], 'argument --wait-time: must be >= 0 seconds, got -1'),
 ])
 def test_test_py_argparse(argv, expected, capsys):
@@ -249,8 +250,8 @@ def test_eval_all_py(argv, expected, files, tmp_path, capsys, monkeypatch):
 
 def test_eval_all_py_argparse(capsys):
     assert argparse_error(eval_all, ['--method', 'naclip', '--cfg-options', 'x'], capsys) \
-        .endswith("error: argument --cfg-options: every item must be KEY=VALUE "
-                  "(e.g. model.prob_thd=0.5), got 'x'")
+        .endswith("error: argument --cfg-options: 'x' is not KEY=VALUE, e.g. "
+                  'model.slide_crop=336')
 
 
 def test_eval_all_reports_an_entrys_mistake_in_one_line(files, tmp_path, capsys):
@@ -318,7 +319,7 @@ def test_check_data_py(argv, expected, files, capsys):
 @pytest.mark.parametrize('argv, expected', [
     (['--method', 'naclip', '--nproc', '0'], 'argument --nproc: must be >= 1, got 0'),
     ([], 'give CONFIG files or --method'),
-    ([VOC, '--cfg-options', 'foo'], 'argument --cfg-options: every item must be KEY=VALUE'),
+    ([VOC, '--cfg-options', 'foo'], "argument --cfg-options: 'foo' is not KEY=VALUE"),
 ])
 def test_check_data_py_argparse(argv, expected, capsys):
     assert expected in argparse_error(check_data, argv, capsys)

@@ -30,7 +30,7 @@ import mmseg_selfattn  # noqa: E402,F401  (mmcv.ops stand-in, registers modules)
 
 from mmengine.config import DictAction  # noqa: E402
 
-from check_data import checked_runner, load_config, parse_cli  # noqa: E402
+from check_data import checked_runner, key_value, load_config  # noqa: E402
 from mmseg_selfattn.cli import UsageError, check_out_dir, run_main, user_files  # noqa: E402
 from mmseg_selfattn.progress import RunSetProgress, with_progress  # noqa: E402
 from mmseg_selfattn.stages import PIPELINE_STAGES  # noqa: E402
@@ -41,11 +41,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('ablation_set', nargs='+',
                         help='a folder of configs (name order) or config files')
     parser.add_argument('--work-dir', default='work_dirs/ablation')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, type=key_value,
                         help='applied to every config, e.g. model.clip.pretrained=None')
     parser.add_argument('--no-progress', action='store_true',
                         help="no progress bar of each row's test loop on stderr")
-    return parse_cli(parser, argv)
+    return parser.parse_args(argv)
 
 
 def config_files(ablation_set) -> list:

@@ -16,7 +16,8 @@ not parse, ``--data-root`` not a folder, a malformed ``--cfg-options``) is one l
 stderr, exit status 2 (docs/errors.md).
 
 This file also holds the checks that tools/test.py, sweep.py, eval_all.py and ablate.py
-run before their first image (``load_config``, ``checked_runner``, ``check_launcher``).
+run before their first image (``key_value``, ``load_config``, ``check_launcher``,
+``checked_runner``).
 """
 import argparse
 import functools
@@ -52,24 +53,13 @@ IGNORE_INDEX = 255
 
 
 # -- what every evaluating tool checks before its first image --------------------------
-def parse_cli(parser: argparse.ArgumentParser,
-              argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """``parser.parse_args(argv)``; a ``--cfg-options`` item without ``=`` (mmengine's
-    DictAction raises a bare ValueError) is argparse's one-line error naming the item."""
-    try:
-        return parser.parse_args(argv)
-    except ValueError:
-        items = list(sys.argv[1:] if argv is None else argv)
-        bad = None
-        if '--cfg-options' in items:
-            for item in items[items.index('--cfg-options') + 1:]:
-                if item.startswith('--'):
-                    break
-                if '=' not in item:
-                    bad = item
-                    break
-        parser.error('argument --cfg-options: every item must be KEY=VALUE (e.g. '
-                     'model.prob_thd=0.5)' + (f', got {bad!r}' if bad is not None else ''))
+def key_value(text: str) -> str:
+    """One ``--cfg-options`` item (``type=`` of the option): KEY=VALUE, else argparse's
+    one-line error (mmengine's DictAction fails on anything else with a traceback)."""
+    key, sep, _ = text.partition('=')
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f'{text!r} is not KEY=VALUE, e.g. model.slide_crop=336')
+    return text
 
 
 def load_config(path, cfg_options: Optional[dict] = None, option: str = 'CONFIG') -> Config:
@@ -163,9 +153,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         'of data/ (VOCdevkit/VOC2012, coco_stuff164k, ...)')
     parser.add_argument('--nproc', type=int, default=min(8, os.cpu_count() or 1),
                         help='processes reading label maps')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, type=key_value,
                         help='overrides merged into every config')
-    args = parse_cli(parser, argv)
+    args = parser.parse_args(argv)
     if not args.configs and not args.method:
         parser.error('give CONFIG files or --method')
     if args.nproc < 1:

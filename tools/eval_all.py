@@ -49,8 +49,8 @@ import mmseg_selfattn  # noqa: E402,F401
 import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
-from check_data import (check_launcher, checked_runner, load_config,  # noqa: E402
-                        parse_cli)
+from check_data import (check_launcher, checked_runner, key_value,  # noqa: E402
+                        load_config)
 from mmseg_selfattn.benchmarks import (BENCHMARKS, METHOD_CONFIGS,  # noqa: E402
                                        config_fingerprint, method_config,
                                        set_data_dir)
@@ -77,14 +77,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--work-dir', help='default: work_dirs/eval_all/<method>')
     parser.add_argument('--rerun', action='store_true',
                         help='evaluate entries that already have a result again')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, type=key_value,
                         help='overrides merged into every config, as in tools/test.py')
     parser.add_argument('--no-progress', action='store_true',
                         help="no progress bar of each entry's test loop on stderr")
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher (one process per GPU)')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parse_cli(parser, argv)
+    args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
 

@@ -46,8 +46,8 @@ import mmseg_selfattn  # noqa: E402,F401  (mmcv.ops stand-in, registers modules)
 
 from mmengine.config import Config, DictAction  # noqa: E402
 
-from check_data import (check_launcher, checked_runner, load_config,  # noqa: E402
-                        parse_cli)
+from check_data import (check_launcher, checked_runner, key_value,  # noqa: E402
+                        load_config)
 from mmseg_selfattn.benchmarks import config_fingerprint, set_data_dir  # noqa: E402
 from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir,  # noqa: E402
                                 run_main, user_files)
@@ -67,7 +67,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--grid-file', help="a Python file defining grid = {KEY: [values]}")
     parser.add_argument('--work-dir', help='default: work_dirs/sweep/<config stem>')
     parser.add_argument('--data-root', help='folder holding the data/ tree of the config')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, type=key_value,
                         help='applied to the config before the grid, e.g. '
                         'model.clip.pretrained=/path/to/ViT-B-16.pt')
     parser.add_argument('--batch-size', type=int,
@@ -80,7 +80,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parse_cli(parser, argv)
+    args = parser.parse_args(argv)
     for option, value in (('--save-every', args.save_every), ('--batch-size', args.batch_size)):
         if value is not None and value < 1:
             parser.error(f'argument {option}: must be >= 1, got {value}')

@@ -33,8 +33,8 @@ import mmseg_selfattn  # noqa: E402,F401
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 
-from check_data import (check_launcher, checked_runner, load_config,  # noqa: E402
-                        parse_cli)
+from check_data import (check_launcher, checked_runner, key_value,  # noqa: E402
+                        load_config)
 from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir,  # noqa: E402
                                 run_main)
 from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
@@ -70,7 +70,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--cfg-options',
         nargs='+',
-        action=DictAction,
+        action=DictAction, type=key_value,
         help='override some settings in the used config, the key-value pair '
         'in xxx=yyy format will be merged into config file. If the value to '
         'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
@@ -86,7 +86,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='no progress bar (images done, images/s, ETA) on stderr')
     # torch.distributed.launch passes --local-rank (torch>=2.0) or --local_rank
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parse_cli(parser, argv)
+    args = parser.parse_args(argv)
     if args.wait_time < 0:
         parser.error(f'argument --wait-time: must be >= 0 seconds, got {args.wait_time:g}')
     if args.show and sys.platform.startswith('linux') and not (
