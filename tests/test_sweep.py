@@ -1,6 +1,7 @@
 """tools/sweep.py: one pass, every point equal to its own tools/test.py run; refused keys;
 resuming after an interruption."""
 import json
+import time
 
 import pytest
 import torch
@@ -132,7 +133,9 @@ def test_a_state_that_cannot_be_read_starts_over(swept, tmp_path, capsys):
     torch.save(dict(fingerprint='0123', batches=2, results=[[]] * 4), state_file)
     state_file.write_bytes(state_file.read_bytes()[:100])
     capsys.readouterr()
-    assert run_sweep(tmp_path) == clean
+    # a logger of its own: mmengine reuses one of the same name (config stem and time to
+    # the second), whose stream would be an earlier test's capture
+    assert run_sweep(tmp_path, f'experiment_name=unreadable_{time.time_ns()}') == clean
     output = capsys.readouterr()
     warnings = [line for line in (output.out + output.err).splitlines()
                 if 'cannot be read' in line]

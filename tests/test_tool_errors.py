@@ -40,6 +40,11 @@ def files(tmp_path_factory):
     (root / 'no_test_set.py').write_text('model = dict(type="SelfAttnCLIPSegmentor")\n')
     (root / 'no_grid.py').write_text('x = 1\n')
     (root / 'empty_split.txt').write_text('')
+    (root / 'config.txt').write_text('x = 1\n')
+    (root / 'folder.py').mkdir()
+    (root / 'list_grid.py').write_text(  # also without mmseg's visualization hook
+        f"_base_ = ['{VOC}']\nsweep_grid = [1]\n"
+        "default_hooks = dict(_delete_=True, timer=dict(type='IterTimerHook'))\n")
     (root / 'empty_folder').mkdir()
     (root / 'a').mkdir()
     (root / 'b').mkdir()
@@ -90,9 +95,13 @@ VOC_DATA = ['--cfg-options', *FAST, 'test_dataloader.dataset.data_root={voc}']
     ([VOC, '--work-dir', '{file}'], ['--work-dir {file}: exists and is not a folder']),
     ([VOC, '--show-dir', '{file}'], ['--show-dir {file}: exists and is not a folder']),
     ([VOC, '--out', '{file}'], ['--out {file}: exists and is not a folder']),
+    (['{root}/folder.py'], ['CONFIG {root}/folder.py: not a file']),
+    (['{root}/config.txt'], ['CONFIG {root}/config.txt: Only py/yml/yaml/json type']),
     (['{root}/bad_syntax.py'], ['CONFIG {root}/bad_syntax.py: invalid syntax']),
     (['{root}/bad_name.py'], ["CONFIG {root}/bad_name.py: name 'undefined_name' is not defined"]),
     (['{root}/no_test_set.py'], ['CONFIG {root}/no_test_set.py: no test set']),
+    (['{root}/list_grid.py', '--show'],
+     ['--show: CONFIG {root}/list_grid.py has no default_hooks.visualization']),
     ([VOC, '--cfg-options', 'test_dataloader.dataset.pipeline.9.scale=1'],
      ['--cfg-options: Index 9 exceeds the length of list']),
     ([VOC, '--launcher', 'pytorch'], ['--launcher pytorch: RANK', 'torchrun']),
@@ -106,10 +115,11 @@ VOC_DATA = ['--cfg-options', *FAST, 'test_dataloader.dataset.data_root={voc}']
      ['the model has 20 classes', 'PascalVOCDataset has 21']),
     ([VOC, *VOC_DATA, 'test_dataloader.dataset.ann_file={root}/empty_split.txt'],
      ['the test dataset PascalVOCDataset is empty', 'empty_split.txt']),
-], ids=['config', 'checkpoint', 'work-dir', 'show-dir', 'out', 'syntax', 'name-error',
-        'no-test-set', 'cfg-options-index', 'launcher', 'data-root', 'refused-value',
+], ids=['config', 'checkpoint', 'work-dir', 'show-dir', 'out', 'folder', 'not-python',
+        'syntax', 'name-error', 'no-test-set', 'show-without-hook', 'cfg-options-index', 'launcher', 'data-root', 'refused-value',
         'unknown-key', 'class-count', 'empty-split'])
 def test_test_py(argv, expected, files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv('DISPLAY', ':0')  # --show needs one
     for name in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
         monkeypatch.delenv(name, raising=False)
     argv = expand(argv, files)
@@ -166,6 +176,8 @@ SWEEP = [VOC, '--grid', 'prob_thd=0.1,0.2']
     ([VOC, '--grid-file', '{root}/no_grid.py'],
      ['--grid-file {root}/no_grid.py: expected a Python file defining grid = {{KEY: [values]}}']),
     ([VOC, '--grid-file', '{root}/bad_syntax.py'], ['--grid-file {root}/bad_syntax.py']),
+    (['{root}/list_grid.py'],
+     ['CONFIG {root}/list_grid.py: sweep_grid must be a dict {{KEY: [values]}}, got list']),
     ([*SWEEP, '--data-root', '{root}/none'], ['--data-root {root}/none: no such folder']),
     ([*SWEEP, '--data-root', '{root}/empty_folder'],
      [f'CONFIG {VOC} with --cfg-options: test data not found: data_root '
@@ -178,6 +190,7 @@ SWEEP = [VOC, '--grid', 'prob_thd=0.1,0.2']
      ["--grid: ctd_cfg: unknown key(s) ['bogus']"]),
 ], ids=['config', 'no-grid', 'no-values', 'empty-value', 'empty-middle-value',
         'refused-key', 'grid-file', 'grid-file-without-grid', 'grid-file-syntax',
+        'sweep-grid-not-a-dict',
         'data-root', 'data-folder-missing', 'work-dir', 'launcher', 'refused-value',
         'refused-grid-value'])
 def test_sweep_py(argv, expected, files, tmp_path, capsys, monkeypatch):

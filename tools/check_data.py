@@ -26,7 +26,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -125,7 +125,7 @@ def build_errors(what: str) -> Iterator[None]:
         raise UsageError(f'{what}: {" ".join(message.split())}') from error
 
 
-def checked_runner(cfg: Config, what: str, hint: str = '', runner_cls=Runner) -> Runner:
+def checked_runner(cfg: Config, what: str, hint: str = '') -> Runner:
     """The Runner of ``cfg`` with its model and test loop built and the test set checked
     (folders and split file exist, the split lists images, the model has one class per
     dataset class), before the first image. A mistake in the config or the user's files
@@ -134,7 +134,7 @@ def checked_runner(cfg: Config, what: str, hint: str = '', runner_cls=Runner) ->
     caught."""
     check_data_folders(cfg, what, hint)
     with build_errors(what):
-        runner = runner_cls.from_cfg(cfg)
+        runner = Runner.from_cfg(cfg)
         dataset = runner.test_loop.dataloader.dataset  # builds the loop and dataset
         check_not_empty(dataset)  # what TestSetCheckHook checks again in before_test
         class_names = getattr(getattr(runner.model, 'module', runner.model),
