@@ -28,10 +28,17 @@ class UsageError(Exception):
     """A mistake in a tool's arguments or in the user's files (one line, exit 2)."""
 
 
+class UserSetupError(Exception):
+    """Mixed into errors of the package that a user's setting causes and the user fixes,
+    whatever their base type (e.g. ``clip_loader.WeightsUnavailableError``, a
+    ``RuntimeError``: weights of a tag that cannot be downloaded here)."""
+
+
 # what the package and mmengine raise for a bad file or value (never for a bug of ours:
 # those are TypeError, AttributeError, IndexError, RuntimeError, ...)
 USER_FILE_ERRORS: Tuple[Type[BaseException], ...] = (OSError, ValueError, KeyError,
-                                                      SyntaxError, UnicodeError)
+                                                      SyntaxError, UnicodeError,
+                                                      UserSetupError)
 
 
 @contextmanager

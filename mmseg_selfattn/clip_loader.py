@@ -34,6 +34,7 @@ from mmengine.logging import print_log
 from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
+from .cli import UserSetupError
 from .config_checks import check_int
 
 MODEL_CONFIG_DIR = Path(__file__).parent / 'model_configs'
@@ -171,8 +172,12 @@ def _from_tag(arch: str, tag: str, quick_gelu: Optional[bool],
         raise _fetch_error(arch, tag, f'{type(error).__name__}: {error}') from error
 
 
+class WeightsUnavailableError(RuntimeError, UserSetupError):
+    """The weights of an open_clip tag cannot be fetched (offline, download failed)."""
+
+
 def _fetch_error(arch: str, tag: str, reason: str) -> RuntimeError:
-    return RuntimeError(
+    return WeightsUnavailableError(
         f"Could not fetch the weights of clip.arch='{arch}', clip.pretrained='{tag}' "
         f'({reason}). On an offline machine download the '
         "checkpoint elsewhere and pass clip.pretrained='/path/to/checkpoint' "

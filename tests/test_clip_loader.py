@@ -118,6 +118,11 @@ def test_offline_tag_download_is_a_clear_error(monkeypatch, no_offline_env):
     with pytest.raises(RuntimeError, match=r"Could not fetch .*pretrained='openai'.*"
                        r"clip.pretrained='/path/to/checkpoint'"):
         load_clip('ViT-B-16', 'openai')
+    # a tool reports it as the user's mistake: one line, not a traceback
+    from mmseg_selfattn.cli import UsageError, user_files
+    with pytest.raises(UsageError, match=r"^Could not fetch [^\n]*pretrained='openai'[^\n]*$"):
+        with user_files('--pretrained openai'):
+            load_clip('ViT-B-16', 'openai')
 
 
 @pytest.mark.parametrize('arch', ['ViT-B-16', 'ViT-L-14'])
