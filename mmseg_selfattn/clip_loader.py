@@ -72,6 +72,8 @@ def load_clip(arch: str = 'ViT-B-16',
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _create(arch, bool(quick_gelu))
+        print_log(f'CLIP {arch}: random weights (pretrained=None, seed {seed})',
+                  logger='current', level=logging.INFO)
     elif _is_tag(arch, pretrained):
         model = _from_tag(arch, pretrained, quick_gelu, cache_dir)
     else:
@@ -148,7 +150,16 @@ def _check_arch_name(arch: str) -> None:
 
 
 def _create(arch: str, quick_gelu: bool) -> open_clip.CLIP:
-    return open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu)
+    """The arch with random weights (the callers load weights or log that there are
+    none): open_clip's "No pretrained weights loaded" warning is silenced here."""
+    quiet = logging.Filter()
+    quiet.filter = lambda record: not record.getMessage().startswith('No pretrained weights')
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        return open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu)
+    finally:
+        root.removeFilter(quiet)
 
 
 def _is_tag(arch: str, pretrained: str) -> bool:

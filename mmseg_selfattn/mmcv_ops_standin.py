@@ -9,6 +9,7 @@ With the full mmcv installed nothing is changed.
 import importlib.util
 import sys
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,8 @@ def install_mmcv_ops_standin() -> bool:
         return True
     if _real_ops_available():
         return False
+    # mmcv-lite: mmcv.cnn warns at import that this op is missing (the package needs none)
+    warnings.filterwarnings('ignore', 'Fail to import ``MultiScaleDeformableAttention``')
     import mmcv
 
     ops = types.ModuleType('mmcv.ops', __doc__)
