@@ -15,10 +15,18 @@ a ``UsageError`` naming the file. Anything else is a bug and keeps its traceback
 
     if __name__ == '__main__':
         sys.exit(run_main(main))
+
+It also holds the argparse types and argument checks several tools share (``key_value``,
+``positive_int``, ``torch_device``, ``check_pretrained``, ``check_out_file``). This module
+is imported by ``clip_loader``: it keeps to the standard library at import time (torch and
+open_clip are imported by the functions that need them). The checks of configs, models
+and runners are in ``tool_checks``.
 """
+import argparse
 import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple, Type
 
 USAGE_EXIT_CODE = 2
@@ -71,10 +79,86 @@ def check_exists(option: str, path: Optional[str], kind: str = 'file') -> None:
         raise UsageError(f'{option} {path}: not a folder')
 
 
-def check_out_dir(option: str, path: Optional[str]) -> None:
-    """``UsageError`` if ``path`` exists and is not a folder (an output folder to create)."""
-    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+def check_out_dir(option: str, path: Optional[str], parents: bool = False) -> None:
+    """``UsageError`` if ``path`` exists and is not a folder (an output folder to create);
+    with ``parents``, also if the nearest existing folder above it is a file (it could
+    not be made)."""
+    if path is None:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f'{option} {path}: exists and is not a folder')
+    if parents:
+        parent = Path(path).parent  # the folder it is made in
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f'{option} {path}: {parent} is not a folder')
+
+
+def check_out_file(option: str, path: Optional[str]) -> None:
+    """An output file (e.g. ``--json``): not a folder, and its folder exists (checked
+    before the run, which writes it at its end). None is accepted."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f'{option} {path}: is a folder; give a file path')
+    folder = os.path.dirname(path) or '.'
+    if not os.path.isdir(folder):
+        raise UsageError(f'{option} {path}: no such folder {folder}')
+
+
+def check_pretrained(value: Optional[str]) -> None:
+    """--pretrained: 'none', a checkpoint file or an open_clip tag (of some arch: the
+    model checks that it is one of its arch's when it loads). None is accepted (the
+    config's)."""
+    if value is None or value.lower() == 'none' or os.path.isfile(value):
+        return
+    if os.path.exists(value):
+        raise UsageError(f'--pretrained {value}: not a file')
+    import open_clip
+    tags = {tag.lower().replace('-', '_') for _, tag in open_clip.list_pretrained()}
+    if value.lower().replace('-', '_') not in tags:
+        raise UsageError(f"--pretrained {value}: no such file, and not an open_clip tag; give "
+                         "a checkpoint file, a tag such as openai, or 'none' for random weights")
+
+
+# -- argparse types (``type=`` of an option: a bad value is argparse's one-line error) -------
+def key_value(text: str) -> str:
+    """One ``--cfg-options`` item (``type=`` of the option): KEY=VALUE, else argparse's
+    one-line error (mmengine's DictAction fails on anything else with a traceback)."""
+    key, sep, _ = text.partition('=')
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f'{text!r} is not KEY=VALUE, e.g. model.slide_crop=336')
+    return text
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a positive integer')
+    return value
+
+
+def torch_device(text: str) -> str:
+    """--device: cpu, cuda or cuda:N of a GPU that is there."""
+    import torch
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise argparse.ArgumentTypeError(f'{text!r} is not a device: use cpu, cuda or cuda:N')
+    count = torch.cuda.device_count() if device.type == 'cuda' else 0
+    if device.type == 'cuda' and not count:
+        raise argparse.ArgumentTypeError(f'{text!r}: no CUDA GPU is visible here; use cpu')
+    if device.type == 'cuda' and (device.index or 0) >= count:
+        raise argparse.ArgumentTypeError(f'{text!r}: this machine has {count} CUDA GPU(s) '
+                                         f'(cuda:0 to cuda:{count - 1})')
+    return text
 
 
 def run_main(main: Callable[[], Optional[int]], prog: Optional[str] = None) -> int:
