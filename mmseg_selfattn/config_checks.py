@@ -2,7 +2,7 @@
 import inspect
 import math
 from numbers import Real
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 
 def check_int(key: str, value, minimum: int) -> int:
@@ -58,3 +58,22 @@ def check_keys(cfg_key: str, cfg: dict, cls: type) -> None:
     unknown = sorted(set(cfg) - set(allowed))
     if unknown:
         raise ValueError(f'{cfg_key}: unknown key(s) {unknown}; allowed: {allowed}.')
+
+
+def check_bg_idx(bg_idx, num_classes: int, needed: bool) -> Optional[int]:
+    if bg_idx is None and not needed:
+        return None
+    if isinstance(bg_idx, bool) or not isinstance(bg_idx, int) or not 0 <= bg_idx < num_classes:
+        raise ValueError(f'bg_idx must be a class index in [0, {num_classes - 1}] (it receives '
+                         f'the pixels dropped by prob_thd / area_thd), got {bg_idx!r}.')
+    return bg_idx
+
+
+def check_scales(scales) -> Tuple[float, ...]:
+    values = tuple(scales) if isinstance(scales, (list, tuple)) else (scales, )
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                         or not 0.05 <= v <= 8 for v in values):
+        raise ValueError('test_scales must be a non-empty list of resize factors in '
+                         f'[0.05, 8] (e.g. (0.75, 1.0, 1.25); (1.0, ) = single scale), got '
+                         f'{scales!r}.')
+    return tuple(float(v) for v in values)

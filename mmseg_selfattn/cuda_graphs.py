@@ -8,10 +8,12 @@ syncs and host-to-device copies once warm (the segmentor's pipeline is:
 cached text embeddings, window matrices and neighbour tables; DBSCAN without a
 convergence test on the GPU).
 """
-from typing import Callable, Dict, Hashable, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from .encoder import EncodedCrops
 
 
 class CUDAGraphCache:
@@ -72,3 +74,28 @@ class CUDAGraphCache:
             static_outputs = function(*static_inputs, *args)
         self._pool = graph.pool()
         return graph, static_inputs, static_outputs
+
+
+def flatten_encoded(encoded: Sequence[EncodedCrops], *dense_keys: tuple):
+    """What stages 3-7 read of ``encode_crops`` outputs whose dense block is memoised
+    (x_cls, attention, X under those of ``dense_keys`` present) as a flat list of
+    tensors, and a function that rebuilds such outputs from tensors of the same shapes
+    (CUDA-graph inputs)."""
+    layouts, tensors = [], []
+    for crops in encoded:
+        has_attention = crops.attention is not None
+        keys = [key for key in dict.fromkeys(dense_keys) if key in crops.dense_memo]
+        layouts.append((crops.grid, has_attention, keys))
+        tensors += [crops.x_cls, *([crops.attention] if has_attention else []),
+                    *(crops.dense_memo[key] for key in keys)]
+
+    def rebuild(flat: Sequence[Tensor]) -> List[EncodedCrops]:
+        flat, rebuilt = list(flat), []
+        for grid, has_attention, keys in layouts:
+            x_cls, attention = flat.pop(0), flat.pop(0) if has_attention else None
+            rebuilt.append(EncodedCrops(grid=grid, block_input=None, q=None, k=None, v=None,
+                                        x_cls=x_cls, attention=attention,
+                                        dense_memo={key: flat.pop(0) for key in keys}))
+        return rebuilt
+
+    return tensors, rebuild

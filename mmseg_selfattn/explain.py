@@ -2,7 +2,7 @@
 
 ``explain(model, image)`` (also ``model.explain(image)``) runs the model's own
 ``predict`` on the image, through the config's test pipeline, while the segmentor
-hands over the tensors its stages compute for every crop (``segmentor._recorder``):
+hands over the tensors its stages compute for every crop (``segmentor.pipeline.recorder``):
 nothing is recomputed another way. Per window, on the patch grid (``windows``):
 
 - ``self_attention``   A_ii of the captured last-block attention (head mean)
@@ -54,7 +54,7 @@ class StageMaps:
             ``outlier_indices`` (num_windows, k).
         window_boxes: (num_windows, 4) float (y1, y2, x1, x2) of every window in the
             original image's pixels.
-        settings: enabled stage -> its settings (``model.stage_settings``).
+        settings: enabled stage -> its settings (``model.pipeline.stage_settings``).
         recorded: the stages' tensors as the segmentor handed them over, all windows
             concatenated: ``attention`` (windows, T, T), ``x_cls`` (windows, D),
             ``features_before_debias`` / ``features_after_debias`` (windows, N, D), and
@@ -136,11 +136,11 @@ def explain(model, image: ImageInput) -> StageMaps:
             if tensor is not None:
                 records[name].append(tensor)
 
-    model._recorder = record
+    model.pipeline.recorder = record
     try:
         sample = model.predict(batch['inputs'], batch['data_samples'])[0]
     finally:
-        model._recorder = None
+        model.pipeline.recorder = None
     tensors = {name: torch.cat(parts) for name, parts in records.items()}
     meta = sample.metainfo
     return _stage_maps(model, tensors, sample, np.ascontiguousarray(bgr[..., ::-1]),
@@ -159,7 +159,7 @@ def _test_pipeline(model, from_file: bool) -> Compose:
 
 def _stage_maps(model, tensors: Dict[str, Tensor], sample, image: np.ndarray,
                 size: Tuple[int, int], output_size: Tuple[int, int]) -> StageMaps:
-    merge = model._window_merge(size, output_size, sample.seg_logits.data.device)
+    merge = model.engine.window_merge(size, output_size, sample.seg_logits.data.device)
     grid = merge.grid
     windows = {'self_attention': tensors['attention'].diagonal(dim1=-2, dim2=-1)[:, 1:]}
     if 'deficit' in tensors:
@@ -195,6 +195,6 @@ def _stage_maps(model, tensors: Dict[str, Tensor], sample, image: np.ndarray,
                      probabilities=sample.seg_logits.data.cpu(),
                      labels=sample.pred_sem_seg.data[0].cpu(), maps=cpu(maps),
                      windows=cpu(windows), window_boxes=boxes,
-                     settings=dict(model.stage_settings), recorded=cpu(tensors),
-                     outliers_score_enhanced=model.outliers_score_enhanced,
+                     settings=dict(model.pipeline.stage_settings), recorded=cpu(tensors),
+                     outliers_score_enhanced=model.pipeline.outliers_score_enhanced,
                      _layout=layout)

@@ -4,12 +4,14 @@ Araslanov & Roth, "Single-Stage Semantic Segmentation from Image Labels",
 CVPR 2020; used unchanged by SCLIP / NACLIP to sharpen the upsampled logits
 along image edges (``pamr_steps``, ``pamr_stride``).
 """
-from typing import Iterator, List, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from .config_checks import check_int
 
 Offset = Tuple[int, int]
 
@@ -144,3 +146,17 @@ class PAMR(nn.Module):
 
     def extra_repr(self) -> str:
         return f'num_iter={self.num_iter}, dilations={self.dilations}'
+
+
+def build_pamr(steps: int, stride: Sequence[int],
+                dilations_alias: Optional[Sequence[int]]) -> Optional[PAMR]:
+    steps = check_int('pamr_steps', steps, 0)
+    key, value = (('pamr_stride', stride) if dilations_alias is None
+                  else ('pamr_dilations', dilations_alias))
+    dilations = tuple(value) if isinstance(value, (list, tuple)) else (value, )
+    if not dilations or any(isinstance(d, bool) or not isinstance(d, int)
+                            or not 1 <= d <= MAX_DILATION for d in dilations):
+        raise ValueError(f'{key} must be an int or a non-empty list of ints in '
+                         f'[1, {MAX_DILATION}] (PAMR dilations: each pads the full-size '
+                         f'logits by that many pixels per side), got {value!r}.')
+    return PAMR(steps, dilations) if steps else None

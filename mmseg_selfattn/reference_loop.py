@@ -9,7 +9,7 @@ interface, so ``tools/benchmark.py`` can swap it into a segmentor (with
 ``max_crops_per_forward=1``) and measure our speed-up at equal output.
 """
 import copy
-import types
+from collections import OrderedDict
 from typing import List, Optional, Sequence, Set
 
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .dense_attention import ProbsHook, gaussian_window
 from .encoder import DenseCLIPEncoder, EncodedCrops
+from .image_engine import ImageEngine
 from .postprocess import finite_per_image
 from .sliding_window import WindowMerge, published_slide_inference
 
@@ -108,32 +109,37 @@ def _bmm(weights: Tensor, v: Tensor) -> Tensor:
 def reference_loop(segmentor: nn.Module, dtype: torch.dtype = torch.float16):
     """A copy of ``segmentor`` that runs like the published code: ``ReferenceEncoder`` in
     ``dtype``, one crop per forward, each crop upsampled, padded into the image and
-    added (``published_slide_inference``)."""
-    reference = copy.copy(segmentor)  # shares text embeddings, stages and post-processing
-    reference._modules = dict(segmentor._modules)
-    reference._modules['encoder'] = ReferenceEncoder(segmentor.encoder, dtype)
-    reference.max_crops_per_forward = 1
-    reference.cuda_graph = False
-    reference.compile = False  # eager, as the published code
-    reference.vit_dtype = dtype
-    reference.merged_logits = types.MethodType(_published_merged_logits, reference)
-    reference._segment_images = types.MethodType(_published_segment_images, reference)
+    added (``published_slide_inference``). Text embeddings, stages and post-processing
+    are shared."""
+    pipeline = copy.copy(segmentor.pipeline)
+    pipeline._modules = OrderedDict(segmentor.pipeline._modules)
+    pipeline.encoder = ReferenceEncoder(segmentor.pipeline.encoder, dtype)
+    pipeline.compile = False  # eager, as the published code
+    pipeline.vit_dtype = dtype
+    engine = object.__new__(PublishedImageEngine)
+    engine.__dict__.update(segmentor.engine.__dict__)
+    engine.pipeline, engine.max_crops_per_forward, engine.cuda_graph = pipeline, 1, False
+    reference = copy.copy(segmentor)
+    reference._modules = OrderedDict(segmentor._modules)
+    reference.pipeline, reference.engine, reference.vit_dtype = pipeline, engine, dtype
     return reference
 
 
-def _published_merged_logits(segmentor: nn.Module, images: Tensor, merge: WindowMerge) -> Tensor:
-    """``merged_logits`` the published way, image by image."""
-    return torch.stack(published_slide_inference(segmentor, list(images),
-                                                 [merge.output_size] * len(images)))
+class PublishedImageEngine(ImageEngine):
+    """``ImageEngine`` whose window merge is the published one, image by image."""
 
+    def merged_logits(self, images: Tensor, merge: WindowMerge, encoded=None) -> Tensor:
+        return torch.stack(published_slide_inference(self, list(images),
+                                                     [merge.output_size] * len(images)))
 
-def _published_segment_images(segmentor: nn.Module, images: Tensor, merge: WindowMerge,
-                              encoded: Optional[Sequence[EncodedCrops]] = None):
-    """``_segment_images`` on the published merge: probabilities, labels, finite flags."""
-    if encoded is not None:
-        raise NotImplementedError('the reference loop encodes its crops itself, one at a time')
-    probs, labels = segmentor.segment_logits(segmentor.merged_logits(images, merge))
-    return probs, labels, finite_per_image(probs)
+    def segment_images(self, images: Tensor, merge: WindowMerge,
+                       encoded: Optional[Sequence[EncodedCrops]] = None):
+        """Probabilities, labels and finite flags on the published merge."""
+        if encoded is not None:
+            raise NotImplementedError('the reference loop encodes its crops itself, one at a '
+                                      'time')
+        probs, labels = self.segment_logits(self.merged_logits(images, merge))
+        return probs, labels, finite_per_image(probs)
 
 
 def outlier_choices(segmentor: nn.Module, image: Tensor) -> List[Set[int]]:
@@ -146,9 +152,9 @@ def outlier_choices(segmentor: nn.Module, image: Tensor) -> List[Set[int]]:
         if outlier_indices is not None:
             chosen.extend(set(row[row >= 0].tolist()) for row in outlier_indices)
 
-    segmentor._recorder = record
+    segmentor.pipeline.recorder = record
     try:
-        segmentor.slide_inference(image)
+        segmentor.engine.slide_inference(image)
     finally:
-        segmentor._recorder = None
+        segmentor.pipeline.recorder = None
     return chosen

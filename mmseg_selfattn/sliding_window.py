@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config_checks import check_int
+
 
 def sliding_windows(height: int, width: int, crop: int,
                     stride: int) -> List[Tuple[int, int, int, int]]:
@@ -197,31 +199,33 @@ def _reach(axis_matrix: Tensor, windows: int) -> Tensor:
     return (axis_matrix.unflatten(1, (windows, -1)).abs().sum(dim=2) > 0).float()
 
 
-def published_slide_inference(segmentor, images: Sequence[Tensor],
+def published_slide_inference(engine, images: Sequence[Tensor],
                               output_sizes: Optional[Sequence[Tuple[int, int]]] = None
                               ) -> List[Tensor]:
     """SCLIP/NACLIP's ``forward_slide``: one crop at a time, upsample, pad into the image,
     add, divide by the count, resize to the output size; with ``slide_crop=0`` their
     ``forward_feature`` of the whole image: its whole patches, the grid's logits resized
-    straight to the output size."""
+    straight to the output size. ``engine``: an ``ImageEngine`` (its windows and
+    pipeline)."""
+    pipeline = engine.pipeline
     outputs = []
     for index, image in enumerate(images):
         height, width = image.shape[-2:]
         output_size = (height, width) if output_sizes is None else tuple(output_sizes[index])
-        if segmentor.slide_crop == 0:
-            ph, pw = segmentor.encoder.patch_size
+        if engine.slide_crop == 0:
+            ph, pw = pipeline.encoder.patch_size
             crop = image[None, :, :max(ph, height // ph * ph), :max(pw, width // pw * pw)]
             crop = pad_to_patch_multiple(crop, (ph, pw))[0]
-            logits = F.interpolate(segmentor.crop_patch_logits(crop), size=output_size,
+            logits = F.interpolate(pipeline.crop_patch_logits(crop), size=output_size,
                                    mode='bilinear')
             outputs.append(logits[0])
             continue
         summed, count = 0, image.new_zeros((1, height, width))
-        for y1, y2, x1, x2 in sliding_windows(height, width, segmentor.slide_crop,
-                                              segmentor.slide_stride):
+        for y1, y2, x1, x2 in sliding_windows(height, width, engine.slide_crop,
+                                              engine.slide_stride):
             crop, (left, top) = pad_to_patch_multiple(image[None, :, y1:y2, x1:x2],
-                                                      segmentor.encoder.patch_size)
-            logits = segmentor.crop_logits(crop)[0, :, top:top + y2 - y1, left:left + x2 - x1]
+                                                      pipeline.encoder.patch_size)
+            logits = pipeline.crop_logits(crop)[0, :, top:top + y2 - y1, left:left + x2 - x1]
             summed = summed + F.pad(logits, (x1, width - x2, y1, height - y2))
             count[:, y1:y2, x1:x2] += 1
         logits = (summed / count)[None]
@@ -229,3 +233,13 @@ def published_slide_inference(segmentor, images: Sequence[Tensor],
             logits = F.interpolate(logits, size=output_size, mode='bilinear')
         outputs.append(logits[0])
     return outputs
+
+
+def check_window(crop: int, stride: int) -> Tuple[int, int]:
+    crop = check_int('slide_crop', crop, 0)
+    if crop:
+        stride = check_int('slide_stride', stride, 1)
+        if stride > crop:
+            raise ValueError(f'slide_stride={stride} > slide_crop={crop} leaves pixels '
+                             'uncovered; use 0 < slide_stride <= slide_crop.')
+    return crop, stride

@@ -21,6 +21,7 @@ from mmengine.runner import TestLoop
 from mmseg.registry import LOOPS
 from torch.utils.data import DataLoader
 
+from .non_finite import raise_if_not_finite
 from .segmentor import PIPELINE_KEYS, SelfAttnCLIPSegmentor
 
 # keys a grid may not vary, and why each needs a separate run
@@ -119,18 +120,19 @@ def predict_variants(variants: Sequence[SelfAttnCLIPSegmentor], inputs: torch.Te
     enhancement of earlier blocks (``self_attn_enhancement_cfg.layers``). Non-finite
     outputs raise as in ``predict``, once every variant has run on the batch."""
     first = variants[0]  # all share the encoder's weights
-    capture = any(variant._needs_attention for variant in variants)
-    mid_layers = sorted({layer for variant in variants for layer in variant._mid_layers})
+    capture = any(variant.pipeline.needs_attention for variant in variants)
+    mid_layers = sorted({layer for variant in variants for layer in variant.pipeline.mid_layers})
     data_samples, images, metas = first.unpad_batch(inputs, data_samples)
-    batches = list(first.image_groups(images, metas))
+    batches = list(first.engine.image_groups(images, [tuple(meta['ori_shape'][:2])
+                                                      for meta in metas]))
     encodings = {}  # one encoding per distinct enhancement of earlier blocks (layers)
 
     def groups_of(variant):
-        key = repr(sorted(variant._block_edits.items()))
+        key = repr(sorted(variant.pipeline.block_edits.items()))
         if key not in encodings:
             encodings[key] = [(indices, batch, merge,
-                               [variant.encode_crops(crops, capture, mid_layers)
-                                for crops in variant.crop_batches(batch, merge)])
+                               [variant.pipeline.encode_crops(crops, capture, mid_layers)
+                                for crops in variant.engine.crop_batches(batch, merge)])
                               for indices, batch, merge in batches]
         return encodings[key]
 
@@ -139,11 +141,12 @@ def predict_variants(variants: Sequence[SelfAttnCLIPSegmentor], inputs: torch.Te
         finite = []
         for indices, batch, merge, encoded in groups_of(variant):
             variant.store_predictions(data_samples, indices,
-                                      variant.segment_group(batch, merge, encoded), finite)
+                                      variant.engine.segment_group(batch, merge, encoded),
+                                      finite)
         finite_flags.append(finite)
         yield data_samples
     for variant, finite in zip(variants, finite_flags):
-        variant._check_finite_outputs(finite, images, metas)
+        raise_if_not_finite(variant.engine, finite, images, metas)
 
 
 @LOOPS.register_module()
@@ -208,17 +211,17 @@ class SweepLoop(TestLoop):
     def _variants(self, model) -> Tuple[list, List[List[int]]]:
         """One ``with_pipeline`` model per distinct setting (points that differ only in a
         disabled stage's cfg share one), and the points of each."""
-        if model.test_scales != (1.0, ):
-            raise ValueError(f'model.test_scales={model.test_scales}: a sweep encodes each '
+        if model.engine.test_scales != (1.0, ):
+            raise ValueError(f'model.test_scales={model.engine.test_scales}: a sweep encodes each '
                              'image once at its own size; sweep single-scale configs.')
         logger = MMLogger.get_current_instance()
         level, keyed = logger.level, {}
         logger.setLevel('WARNING')  # not one set of start-up lines per point
         try:
             for index, point in enumerate(self.points):
-                overrides = pipeline_overrides(model._pipeline_kwargs, point)
+                overrides = pipeline_overrides(model.pipeline_settings, point)
                 variant = model.with_pipeline(**overrides)
-                key = repr(sorted(_effective(variant._pipeline_kwargs).items()))
+                key = repr(sorted(_effective(variant.pipeline_settings).items()))
                 keyed.setdefault(key, (variant, []))[1].append(index)
         finally:
             logger.setLevel(level)

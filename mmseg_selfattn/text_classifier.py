@@ -9,7 +9,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import open_clip
 import torch
@@ -89,6 +89,18 @@ def _check_repeated_classes(classes: Sequence[Tuple[str, ...]], source: str) -> 
                       f'on line {earlier} ({classes[earlier - 1][0]!r}, ...), which wins every '
                       f'tie: {classes[line - 1][0]!r} is never predicted.',
                       logger='current', level=logging.WARNING)
+
+
+def read_classes(name_path: Optional[str], class_names: Optional[Sequence[str]]
+                 ) -> ClassNames:
+    """The classes of ``name_path`` (a class-name file) or ``class_names`` (the lines);
+    exactly one of them is set."""
+    if (name_path is None) == (class_names is None):
+        raise ValueError('set exactly one of name_path (a class-name file) and '
+                         'class_names (a list of class lines).')
+    if class_names is not None:
+        return parse_class_names(class_names)
+    return read_class_file(name_path)
 
 
 def read_class_file(path: str) -> ClassNames:

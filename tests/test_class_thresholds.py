@@ -23,11 +23,11 @@ def test_deficit_uses_the_threshold_of_each_tokens_class():
     thresholds = {'clouds': 0.9, 'road': 0.02}  # synonyms name their class
     model = build(min_self_attn_threshold=0.3, class_thresholds=thresholds)
     crops = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    encoded = model.encode_crops(crops)
-    deficit, _ = model._enhancement_inputs(encoded)
+    encoded = model.pipeline.encode_crops(crops)
+    deficit, _ = model.pipeline.enhancement_inputs(encoded)
     # by hand: classes under the unenhanced dense features, then max(0, τ_c - A_ii)
-    plain = model.encoder.dense_features(encoded)
-    queries = model.text_classifier.query_embeddings(model.class_names)
+    plain = model.pipeline.encoder.dense_features(encoded)
+    queries = model.pipeline.text_classifier.query_embeddings(model.class_names)
     classes = torch.tensor([0, 0, 1, 2, 2])[(F.normalize(plain, dim=-1) @ queries.T).argmax(-1)]
     tau = torch.tensor([0.9, 0.3, 0.02])[classes]
     expected = (tau - encoded.attention.diagonal(dim1=-2, dim2=-1)[:, 1:]).clamp_min(0)

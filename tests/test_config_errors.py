@@ -151,8 +151,8 @@ def test_bom_and_trailing_blank_lines_are_fine(tmp_path):
 def test_boundary_values_still_build():
     model = build(gaussian_std=1e4, pamr_steps=1, pamr_stride=64, logit_scale=1e3,
                   cls_token_lambda=-0.3, apply_ctd=True, ctd_cfg=dict(eps=2, refine=1))
-    assert model.pamr.dilations == (64, ) and model.ctd.refine == 1.0
-    assert build(gaussian_std=0.01).encoder.gaussian_std == 0.01
+    assert model.engine.pamr.dilations == (64, ) and model.pipeline.ctd.refine == 1.0
+    assert build(gaussian_std=0.01).pipeline.encoder.gaussian_std == 0.01
 
 
 @pytest.mark.parametrize('path', CLASS_FILES, ids=lambda path: path.name)

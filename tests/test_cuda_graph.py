@@ -37,7 +37,7 @@ def test_graph_replays_equal_eager_for_mixed_sizes():
             torch.testing.assert_close(out.seg_logits.data, ref.seg_logits.data, atol=1e-5,
                                        rtol=0)
             assert torch.equal(out.pred_sem_seg.data, ref.pred_sem_seg.data)
-    assert len(graphed._graphs) == 2  # one graph per group shape
+    assert len(graphed.engine._graphs) == 2  # one graph per group shape
 
 
 @needs_cuda
@@ -51,13 +51,13 @@ def test_cache_returns_owned_outputs():
 @needs_cuda
 def test_shapes_beyond_the_cap_run_eagerly():
     graphed = build(cuda_graph=True)
-    graphed._graphs.max_graphs = 1
+    graphed.engine._graphs.max_graphs = 1
     eager = build()
     for size in [(40, 48), (24, 56)]:
         image = torch.randn(1, 3, *size).cuda()
         torch.testing.assert_close(graphed.predict(image)[0].seg_logits.data,
                                    eager.predict(image)[0].seg_logits.data, atol=1e-5, rtol=0)
-    assert len(graphed._graphs) == 1
+    assert len(graphed.engine._graphs) == 1
 
 
 @needs_cuda
@@ -84,7 +84,7 @@ def test_sweep_variants_replay_their_own_graphs():
     expected = []
     for variant in variants:
         eager = variant.with_pipeline()
-        eager.cuda_graph = False
+        eager.engine.cuda_graph = False
         expected.append([(s.seg_logits.data, s.pred_sem_seg.data)
                          for s in eager.predict(inputs)])
     for _ in range(2):  # capture, then replay
@@ -96,13 +96,13 @@ def test_sweep_variants_replay_their_own_graphs():
                 torch.testing.assert_close(probs, ref_probs, atol=1e-5, rtol=0)
                 assert torch.equal(labels, ref_labels)
     assert not torch.equal(outputs[0][0][0], outputs[1][0][0])  # the variants differ
-    assert len(base._graphs) == 4  # one per variant, in the shared cache
+    assert len(base.engine._graphs) == 4  # one per variant, in the shared cache
 
 
 @needs_cuda
 @pytest.mark.parametrize('precision', ['fp32', 'fp16'])
 def test_compiled_model_inside_the_graph_equals_eager(precision):
-    from mmseg_selfattn import segmentor
+    from mmseg_selfattn import crop_pipeline
     eager = build(precision=precision)
     fast = build(precision=precision, compile=True, cuda_graph=True)
     image = torch.randn(2, 3, 40, 56).cuda()
@@ -114,7 +114,7 @@ def test_compiled_model_inside_the_graph_equals_eager(precision):
         else:  # half-precision rounding can flip a near-tied outlier or DBSCAN choice
             assert torch.isfinite(ours.seg_logits.data).all()
             assert (ours.pred_sem_seg.data == theirs.pred_sem_seg.data).float().mean() >= 0.95
-    assert segmentor._COMPILED_STAGES  # the stages ran compiled
-    logits = fast.slide_inference(image[0])  # eager call of the compiled parts
-    assert (logits - eager.slide_inference(image[0])).abs().max() <= (
+    assert crop_pipeline._COMPILED_STAGES  # the stages ran compiled
+    logits = fast.engine.slide_inference(image[0])  # eager call of the compiled parts
+    assert (logits - eager.engine.slide_inference(image[0])).abs().max() <= (
         1e-5 if precision == 'fp32' else 5e-2)

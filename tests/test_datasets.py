@@ -111,7 +111,7 @@ def test_config_parses_and_builds_with_the_tiny_arch(path, tmp_path, monkeypatch
     init_default_scope(cfg.default_scope)
     model = MODELS.build(cfg.model)
     assert len(model.class_names) == len(dataset_cls.METAINFO['classes'])
-    assert (model.slide_crop, model.logit_scale) == (cfg.model.slide_crop,
+    assert (model.engine.slide_crop, model.engine.logit_scale) == (cfg.model.slide_crop,
                                                      cfg.model.logit_scale)
 
 

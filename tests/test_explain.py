@@ -52,7 +52,7 @@ def crops_of(model, image_bgr):
     """The model's own normalised crops of an image used at its own size."""
     data = model.data_preprocessor(dict(inputs=[torch.from_numpy(image_bgr).permute(2, 0, 1)]),
                                    False)
-    merge = model._window_merge(image_bgr.shape[:2], image_bgr.shape[:2], torch.device('cpu'))
+    merge = model.engine.window_merge(image_bgr.shape[:2], image_bgr.shape[:2], torch.device('cpu'))
     return merge.cut(data['inputs']), merge
 
 
@@ -70,10 +70,10 @@ def test_maps_have_the_image_size_and_every_stage(explained):
 
 def test_window_values_equal_the_stage_tensors(model, explained):
     crops, _ = crops_of(model, random_bgr(50, 70))
-    encoded = model.encoder.encode(crops, capture_attention=True, mid_layers=(1, ))
+    encoded = model.pipeline.encoder.encode(crops, capture_attention=True, mid_layers=(1, ))
     own_diagonal = encoded.attention.diagonal(dim1=-2, dim2=-1)[:, 1:].reshape(-1, 4, 4)
     torch.testing.assert_close(explained.windows['self_attention'], own_diagonal)
-    stage = model.self_attn_enhancement
+    stage = model.pipeline.self_attn_enhancement
     torch.testing.assert_close(explained.windows['deficit'],
                                stage.deficit(encoded.attention).reshape(-1, 4, 4))
     # prevention (score_attention='enhanced', the default): r_i from the boosted Ã
@@ -87,8 +87,8 @@ def test_window_values_equal_the_stage_tensors(model, explained):
     assert chosen.sum(dim=1).tolist() == [10.0] * len(indices)
     assert bool(chosen.gather(1, indices).eq(1).all())
     # the last crop batch's stage outputs are what the stages kept
-    model.crop_patch_logits(crops)
-    assert torch.equal(explained.windows['ctd_clusters'].flatten(1), model.ctd.last_labels)
+    model.pipeline.crop_patch_logits(crops)
+    assert torch.equal(explained.windows['ctd_clusters'].flatten(1), model.pipeline.ctd.last_labels)
 
 
 def test_cls_similarity_before_and_after_debias(model, explained):
@@ -100,7 +100,7 @@ def test_cls_similarity_before_and_after_debias(model, explained):
                                    expected)
     # global debias lowers the CLS similarity of every token with a positive one
     before = explained.windows['cls_similarity_before']
-    after = model.global_debias(recorded['features_before_debias'], recorded['x_cls'])
+    after = model.pipeline.global_debias(recorded['features_before_debias'], recorded['x_cls'])
     after = (F.normalize(after, dim=-1) * unit_cls).sum(-1).view_as(before)
     assert bool((after[before > 0.05] < before[before > 0.05]).all())
 
@@ -112,7 +112,7 @@ def test_probabilities_and_labels_are_those_of_predict(model, explained):
     sample = model.predict(data['inputs'])[0]
     assert torch.equal(sample.seg_logits.data, explained.probabilities)
     assert torch.equal(sample.pred_sem_seg.data[0], explained.labels)
-    assert model._recorder is None  # explain() leaves the model as it was
+    assert model.pipeline.recorder is None  # explain() leaves the model as it was
 
 
 def test_single_window_map_is_the_bilinear_upsampled_grid():

@@ -43,7 +43,7 @@ def test_banded_merge_and_chunked_crops_equal_the_unbounded_path(thresholds):
     rows_of_logits = 2 * 7 * 120  # images x queries (7) x width of the output
     bounded = build(max_merge_elements=rows_of_logits * 7, max_crops_per_forward=3,
                     **thresholds)
-    assert len(bounded._row_bands(rows_of_logits, 105)) == 15  # several bands
+    assert len(bounded.engine.row_bands(rows_of_logits, 105)) == 15  # several bands
     expected = predict(unbounded, images, ori_shape=(105, 120))
     actual = predict(bounded, images, ori_shape=(105, 120))
     for one, other in zip(expected, actual):
@@ -58,16 +58,16 @@ def test_banded_merge_and_chunked_crops_equal_the_unbounded_path(thresholds):
 def test_non_finite_window_does_not_spread():
     model = build()
     image = torch.randn(1, 3, 48, 64)
-    merge = model._window_merge((48, 64), (48, 64), image.device)
-    clean = model.window_patch_logits(image, merge)
+    merge = model.engine.window_merge((48, 64), (48, 64), image.device)
+    clean = model.engine.window_patch_logits(image, merge)
     broken = clean.clone()
     broken[0, 1, 2, 3] = float('nan')  # one logit of the first window
-    merged = model.merged_logits
-    model.window_patch_logits = lambda images, merge, encoded=None: broken
+    merged = model.engine.merged_logits
+    model.engine.window_patch_logits = lambda images, merge, encoded=None: broken
     try:
         out = merged(image, merge)[0]
     finally:
-        del model.window_patch_logits
+        del model.engine.window_patch_logits
     reached = merge.non_finite_pixels(broken)[0]
     y1, y2, x1, x2 = merge.windows[0]
     assert reached[y1:y2, x1:x2].all() and not reached.all()
@@ -89,7 +89,7 @@ def test_non_finite_input_pixels_name_the_image():
 @pytest.mark.parametrize('stage', ['global_debias', 'ctd'])
 def test_non_finite_stage_output_names_the_image_and_the_stage(stage):
     model = build()
-    module = getattr(model, stage)
+    module = getattr(model.pipeline, stage)
     original = module.forward
 
     def poisoned(features, *args):
@@ -102,7 +102,7 @@ def test_non_finite_stage_output_names_the_image_and_the_stage(stage):
                        match=rf"img0\.jpg: the class probabilities are not finite; the first "
                              rf"NaN / inf values come from stage '{stage}'"):
         predict(model, torch.randn(1, 3, 40, 40))
-    assert model._stage_check is None  # the tracing check is off again
+    assert model.pipeline.stage_check is None  # the tracing check is off again
 
 
 def test_pamr_path_reports_non_finite_input():
@@ -115,10 +115,10 @@ def test_pamr_path_reports_non_finite_input():
 
 def test_merge_bound_auto_per_device_and_bad_values():
     model = build()
-    assert model.max_merge_elements == 'auto'
-    assert model._merge_bound(torch.device('cpu')) == 2**25
-    assert model._merge_bound(torch.device('cuda')) == 2**27
-    assert model._row_bands(2**20, 100)[:2] == [slice(0, 32), slice(32, 64)]  # 2**25 on CPU
+    assert model.engine.max_merge_elements == 'auto'
+    assert model.engine.merge_bound(torch.device('cpu')) == 2**25
+    assert model.engine.merge_bound(torch.device('cuda')) == 2**27
+    assert model.engine.row_bands(2**20, 100)[:2] == [slice(0, 32), slice(32, 64)]  # 2**25 on CPU
     for bad in ('none', 0, True, 2.5):
         with pytest.raises(ValueError, match=r"max_merge_elements must be an int >= 1, "
                                              r"'auto' or None, got"):
@@ -138,7 +138,7 @@ def test_groups_bound_column_merged_rows_only_where_the_gpu_kernel_merges(monkey
     for name, overrides in (('cpu', {}), ('gpu kernel', {}), ('full', full_resolution)):
         model = build(max_merge_elements=bound, max_crops_per_forward=1000, **overrides)
         monkeypatch.setattr(postprocess_kernels, 'supports', lambda _: name != 'cpu')
-        groups = list(model._image_groups(images))
+        groups = list(model.engine.image_groups(images))
         merge = groups[0][2]
         assert merge.mosaic_rows == 8 and merge.output_size == (48, 64)
         sizes[name] = [len(indices) for indices, _, _ in groups]

@@ -14,7 +14,7 @@ def build(**sa_cfg):
 
 
 def block_input(model, crops, index):
-    encoder = model.encoder
+    encoder = model.pipeline.encoder
     x = encoder._embed(crops, (4, 4))
     for block in encoder.visual.transformer.resblocks[:index]:
         x = block(x)
@@ -23,28 +23,28 @@ def block_input(model, crops, index):
 
 def test_default_and_zero_strength_leave_the_encoding_bitwise():
     crops = torch.randn(2, 3, 32, 32)
-    plain = build().encode_crops(crops)
+    plain = build().pipeline.encode_crops(crops)
     for cfg in (dict(layers=[-1]), dict(layers=[0, -1], enhancement_strength=[0.0, 0.1])):
         model = build(**cfg)
-        assert model._block_edits == {}
-        encoded = model.encode_crops(crops)
+        assert model.pipeline.block_edits == {}
+        encoded = model.pipeline.encode_crops(crops)
         assert torch.equal(encoded.block_input, plain.block_input)
 
 
 def test_explicit_block_without_boost_equals_the_fused_block():
     model = build()
-    block = model.encoder.visual.transformer.resblocks[0]
+    block = model.pipeline.encoder.visual.transformer.resblocks[0]
     x = block_input(model, torch.randn(2, 3, 32, 32), 0)
-    explicit = model.encoder._enhanced_block(block, x, 'attention', 0.0, 0.9)
+    explicit = model.pipeline.encoder._enhanced_block(block, x, 'attention', 0.0, 0.9)
     torch.testing.assert_close(explicit, block(x), atol=1e-5, rtol=1e-5)
 
 
 def test_feature_mode_scales_the_blocks_output_by_its_own_deficit():
     model = build(layers=[1], enhancement_strength=0.7)
-    assert model._block_edits == {1: ('feature', 0.7, 0.9)}
-    assert model.self_attn_enhancement.strength == 0.0  # the dense block is not listed
+    assert model.pipeline.block_edits == {1: ('feature', 0.7, 0.9)}
+    assert model.pipeline.self_attn_enhancement.strength == 0.0  # the dense block is not listed
     crops = torch.randn(2, 3, 32, 32)
-    block = model.encoder.visual.transformer.resblocks[1]
+    block = model.pipeline.encoder.visual.transformer.resblocks[1]
     x = block_input(model, crops, 1)
     normed = block.ln_1(x)
     _, weights = block.attn(normed, normed, normed, need_weights=True,
@@ -52,20 +52,21 @@ def test_feature_mode_scales_the_blocks_output_by_its_own_deficit():
     deficit = (0.9 - weights.diagonal(dim1=-2, dim2=-1)[:, 1:]).clamp_min(0)
     out = block(x)
     expected = torch.cat([out[:, :1], out[:, 1:] * (1 + 0.7 * deficit)[..., None]], dim=1)
-    torch.testing.assert_close(model.encoder._enhanced_block(block, x, 'feature', 0.7, 0.9),
+    encoder = model.pipeline.encoder
+    torch.testing.assert_close(encoder._enhanced_block(block, x, 'feature', 0.7, 0.9),
                                expected, atol=1e-5, rtol=1e-5)
     # and the model's encoding runs block 1 that way
-    assert not torch.equal(model.encode_crops(crops).block_input,
-                           build().encode_crops(crops).block_input)
+    assert not torch.equal(model.pipeline.encode_crops(crops).block_input,
+                           build().pipeline.encode_crops(crops).block_input)
 
 
 def test_attention_mode_boosts_the_blocks_diagonal():
     model = build(layers=[0, -1], enhancement_strength=[0.5, 0.2], mode='attention')
-    assert model._block_edits == {0: ('attention', 0.5, 0.9)}
-    assert model.self_attn_enhancement.strength == 0.2
-    block = model.encoder.visual.transformer.resblocks[0]
+    assert model.pipeline.block_edits == {0: ('attention', 0.5, 0.9)}
+    assert model.pipeline.self_attn_enhancement.strength == 0.2
+    block = model.pipeline.encoder.visual.transformer.resblocks[0]
     x = block_input(model, torch.randn(2, 3, 32, 32), 0)
-    boosted = model.encoder._enhanced_block(block, x, 'attention', 0.5, 0.9)
+    boosted = model.pipeline.encoder._enhanced_block(block, x, 'attention', 0.5, 0.9)
     plain = block(x)
     assert not torch.allclose(boosted, plain, atol=1e-4)
     samples = model.predict(torch.randn(1, 3, 48, 48))

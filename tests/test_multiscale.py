@@ -44,8 +44,8 @@ def test_average_of_the_scales_by_hand(images, max_crops):
         for scale in scales:
             size = (round(40 * scale), round(56 * scale))
             scaled = F.interpolate(image[None], size=size, mode='bilinear', align_corners=False)
-            logits = logits + reference.slide_inference(scaled[0], output_size=(40, 56))
-        probs, labels = reference.segment_logits((logits / len(scales))[None])
+            logits = logits + reference.engine.slide_inference(scaled[0], output_size=(40, 56))
+        probs, labels = reference.engine.segment_logits((logits / len(scales))[None])
         torch.testing.assert_close(output.seg_logits.data, probs[0], atol=1e-5, rtol=0)
         assert (output.pred_sem_seg.data[0] != labels[0]).float().mean() < 1e-3
     assert not torch.allclose(outputs[0].seg_logits.data,

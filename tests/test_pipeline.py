@@ -33,7 +33,7 @@ def inputs():
 
 
 def query_logits(model, inputs):
-    return model.slide_inference(inputs[0])
+    return model.engine.slide_inference(inputs[0])
 
 
 def test_stages_run_in_the_spec_order(inputs):
@@ -45,15 +45,15 @@ def test_stages_run_in_the_spec_order(inputs):
         calls.append(stage)
         yield
 
-    model.timer = record
-    model.crop_logits(inputs[:, :, :32, :32])
+    model.pipeline.timer = record
+    model.pipeline.crop_logits(inputs[:, :, :32, :32])
     assert calls == ['encode', 'similarity_enhancement', 'self_attn_enhancement', 'dense_block',
                      'outlier_suppression', 'global_debias', 'ctd', 'classify']
     # feature mode runs after the dense block
     model = build(**ALL_STAGES_ON)
     calls.clear()
-    model.timer = record
-    model.crop_logits(inputs[:, :, :32, :32])
+    model.pipeline.timer = record
+    model.pipeline.crop_logits(inputs[:, :, :32, :32])
     assert calls.index('self_attn_enhancement') > calls.index('dense_block')
 
 
@@ -114,19 +114,21 @@ def test_attention_mode_changes_the_logits_on_its_own(inputs):
 def test_cls_token_lambda_adds_the_cls_logits(inputs):
     crops = inputs[:, :, :32, :32]
     plain, biased = build(), build(cls_token_lambda=-0.3)
-    encoded = plain.encoder.encode(crops)
-    queries = plain.text_classifier.query_embeddings(plain.class_names)
+    encoded = plain.pipeline.encoder.encode(crops)
+    queries = plain.pipeline.text_classifier.query_embeddings(plain.class_names)
     cls_cos = torch.nn.functional.normalize(encoded.x_cls, dim=-1) @ queries.T
-    features = plain.encoder.dense_features(encoded)
-    torch.testing.assert_close(biased.classify(features, encoded.x_cls),
-                               plain.classify(features) - 0.3 * cls_cos[:, None], atol=1e-6,
+    features = plain.pipeline.encoder.dense_features(encoded)
+    torch.testing.assert_close(biased.pipeline.classify(features, encoded.x_cls),
+                               plain.pipeline.classify(features) - 0.3 * cls_cos[:, None],
+                               atol=1e-6,
                                rtol=0)
 
 
 def test_self_attention_stats_reachable_from_the_segmentor(inputs):
     model = build(apply_self_attn_enhancement=True)
-    attention = model.encoder.encode(inputs[:, :, :32, :32], capture_attention=True).attention
-    stats = model.self_attn_enhancement.get_self_attention_stats(attention)
+    attention = model.pipeline.encoder.encode(inputs[:, :, :32, :32],
+                                              capture_attention=True).attention
+    stats = model.pipeline.self_attn_enhancement.get_self_attention_stats(attention)
     diagonal = attention[:, 1:, 1:].diagonal(dim1=-2, dim2=-1)
     assert stats['mean'] == pytest.approx(diagonal.mean().item(), rel=1e-5)
     assert stats['below_threshold'] == pytest.approx((diagonal < 0.15).float().mean().item())

@@ -78,11 +78,11 @@ def test_segmentor_scores_with_the_enhanced_attention_in_both_modes(mode):
     model = build(self_attn_enhancement_cfg=dict(enhancement_strength=2.0,
                                                  min_self_attn_threshold=0.5, mode=mode))
     crops = torch.randn(3, 3, 32, 32)
-    encoded = model.encode_crops(crops)
-    deficit = model.self_attn_enhancement.deficit(encoded.attention)
-    model.stage_patch_logits(encoded)
-    assert model.outliers_score_enhanced
-    expected = model.outlier_suppression.last_scores.clone()
+    encoded = model.pipeline.encode_crops(crops)
+    deficit = model.pipeline.self_attn_enhancement.deficit(encoded.attention)
+    model.pipeline.stage_patch_logits(encoded)
+    assert model.pipeline.outliers_score_enhanced
+    expected = model.pipeline.outlier_suppression.last_scores.clone()
     stage = OutlierSuppression()
     stage(torch.randn(3, 16, 4), enhanced_attention(encoded.attention, deficit, 2.0), (4, 4))
     assert torch.equal(expected, stage.last_scores)
@@ -94,12 +94,12 @@ def test_segmentor_scores_with_the_enhanced_attention_in_both_modes(mode):
     dict(self_attn_enhancement_cfg=dict(enhancement_strength=0.0))])
 def test_original_scores_when_asked_or_without_enhancement(overrides):
     model = build(**overrides)
-    assert not model.outliers_score_enhanced
-    encoded = model.encode_crops(torch.randn(2, 3, 32, 32), capture_attention=True)
-    model.stage_patch_logits(encoded)
+    assert not model.pipeline.outliers_score_enhanced
+    encoded = model.pipeline.encode_crops(torch.randn(2, 3, 32, 32), capture_attention=True)
+    model.pipeline.stage_patch_logits(encoded)
     stage = OutlierSuppression()
     stage(torch.randn(2, 16, 4), encoded.attention, (4, 4))
-    assert torch.equal(model.outlier_suppression.last_scores, stage.last_scores)
+    assert torch.equal(model.pipeline.outlier_suppression.last_scores, stage.last_scores)
 
 
 def test_score_attention_is_validated():

@@ -93,9 +93,9 @@ class PublishedSegmentor:
 
     def __init__(self, model, attention, slide_crop, slide_stride=112, logit_scale=40.0,
                  prob_thd=0.0, area_thd=0.0, pamr_steps=0, gaussian_std=5.0):
-        self.visual = model.encoder.visual
-        self.query_features = model.text_classifier.query_embeddings(model.class_names)
-        self.query_idx = model._query_class
+        self.visual = model.pipeline.encoder.visual
+        self.query_features = model.pipeline.text_classifier.query_embeddings(model.class_names)
+        self.query_idx = model.pipeline.query_class
         self.attention, self.gaussian_std = attention, gaussian_std
         self.slide_crop, self.slide_stride = slide_crop, slide_stride
         self.logit_scale, self.prob_thd, self.area_thd = logit_scale, prob_thd, area_thd
@@ -321,7 +321,7 @@ def test_whole_image_logits_equal_the_published_forward_feature():
     published = PublishedSegmentor(model, **keys)
     image = normalised_image((224, 320), seed=3)
     with torch.no_grad():
-        ours = model.slide_inference(image[0])
+        ours = model.engine.slide_inference(image[0])
         theirs = published.forward_feature(image)[0]
     assert (ours - theirs).abs().max() <= 1e-5
 
@@ -350,7 +350,7 @@ def test_mixed_sizes_in_one_batch_equal_the_published_segmentor():
 
 def test_positional_embedding_is_dinos_scale_factor_rule():
     model = build()
-    encoder, visual = model.encoder, model.encoder.visual
+    encoder, visual = model.pipeline.encoder, model.pipeline.encoder.visual
     for grid in [(28, 28), (21, 31), (14, 20), (1, 3), (7, 28)]:
         torch.testing.assert_close(encoder.positional_embedding(grid),
                                    dino_positional_embedding(visual, *grid), atol=0, rtol=0)
@@ -363,7 +363,8 @@ def test_positional_embedding_is_dinos_scale_factor_rule():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
 @pytest.mark.parametrize('cuda_graph', [False, True])
-@pytest.mark.parametrize('case', ['sclip, 224 windows, area_thd', 'sclip, whole 227 x 341, area_thd',
+@pytest.mark.parametrize('case', ['sclip, 224 windows, area_thd',
+                                  'sclip, whole 227 x 341, area_thd',
                                   'clearclip, 448 crops', 'naclip, whole 336 x 503, PAMR'])
 def test_gpu_labels_equal_the_published_segmentor(case, cuda_graph):
     """The GPU path (Triton post-processing, the kernel merging the window rows, CUDA
@@ -375,7 +376,7 @@ def test_gpu_labels_equal_the_published_segmentor(case, cuda_graph):
     with torch.no_grad():
         ref_probs, ref_labels, _ = published.predict(image, ori_shape)
         model = model.cuda()
-        model.cuda_graph = cuda_graph
+        model.engine.cuda_graph = cuda_graph
         sample = SegDataSample(metainfo=dict(img_shape=size, ori_shape=ori_shape))
         for _ in range(2):  # capture, then replay
             out = model.predict(image.cuda(), [sample])[0]

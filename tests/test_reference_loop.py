@@ -27,20 +27,22 @@ def test_reference_loop_equals_batched_pipeline_in_fp32(attention, mode):
     model = build(attention=attention, self_attn_enhancement_cfg=dict(mode=mode), **stages)
     reference = reference_loop(model, torch.float32)
     image = torch.randn(3, 40, 56, generator=torch.Generator().manual_seed(0))
-    ours = model.slide_inference(image)
-    theirs = reference.slide_inference(image)
+    ours = model.engine.slide_inference(image)
+    theirs = reference.engine.slide_inference(image)
     assert (ours - theirs).abs().max() <= 1e-4
-    assert isinstance(reference.encoder, ReferenceEncoder) and reference.max_crops_per_forward == 1
-    assert model.encoder is not reference.encoder  # the original is untouched
+    assert isinstance(reference.pipeline.encoder, ReferenceEncoder)
+    assert reference.engine.max_crops_per_forward == 1
+    assert model.pipeline.encoder is not reference.pipeline.encoder  # the original is untouched
 
 
 def test_reference_encoder_in_half_precision_is_close():
     model = build()
     reference = reference_loop(model, torch.bfloat16)  # fp16 matmuls are slow on CPU
     image = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(1))
-    assert reference.encoder.visual.proj.dtype == torch.bfloat16
-    assert model.encoder.visual.proj.dtype == torch.float32
-    assert (model.slide_inference(image) - reference.slide_inference(image)).abs().max() < 0.05
+    assert reference.pipeline.encoder.visual.proj.dtype == torch.bfloat16
+    assert model.pipeline.encoder.visual.proj.dtype == torch.float32
+    difference = model.engine.slide_inference(image) - reference.engine.slide_inference(image)
+    assert difference.abs().max() < 0.05
 
 
 def test_reference_loop_runs_clips_own_blocks_one_crop_at_a_time():
@@ -48,12 +50,13 @@ def test_reference_loop_runs_clips_own_blocks_one_crop_at_a_time():
     once per crop with a batch of one; only the last block is written by hand."""
     model = build(apply_self_attn_enhancement=True, apply_outlier_suppression=True)
     reference = reference_loop(model, torch.float32)
-    blocks = reference.encoder.visual.transformer.resblocks
+    blocks = reference.pipeline.encoder.visual.transformer.resblocks
     batches = {index: [] for index in range(len(blocks))}
     for index, block in enumerate(blocks):
         block.register_forward_hook(
             lambda module, inputs, output, index=index: batches[index].append(len(inputs[0])))
-    reference.slide_inference(torch.randn(3, 40, 56, generator=torch.Generator().manual_seed(2)))
+    reference.engine.slide_inference(
+        torch.randn(3, 40, 56, generator=torch.Generator().manual_seed(2)))
     windows = 2 * 3  # 40 x 56 with crop 32, stride 16
     assert all(batches[index] == [1] * windows for index in range(len(blocks) - 1))
     assert batches[len(blocks) - 1] == []  # the last block is the hand-written one
@@ -79,4 +82,4 @@ def test_outlier_choices_of_pipeline_and_reference_agree_in_fp32():
     assert outlier_choices(reference_loop(model, torch.float32), image) == ours
     fewer = outlier_choices(model.with_pipeline(outlier_suppression_cfg=dict(top_k=2)), image)
     assert all(small < big for small, big in zip(fewer, ours))  # the two highest of the four
-    assert model._recorder is None
+    assert model.pipeline.recorder is None

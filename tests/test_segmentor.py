@@ -38,18 +38,18 @@ def test_sliding_windows_cover_the_image_with_equal_crops():
 
 def test_batched_crops_equal_crop_by_crop(segmentor):
     image = torch.randn(3, 50, 70)
-    batched = segmentor.slide_inference(image)
-    segmentor.max_crops_per_forward = 1
+    batched = segmentor.engine.slide_inference(image)
+    segmentor.engine.max_crops_per_forward = 1
     try:
-        one_by_one = segmentor.slide_inference(image)
+        one_by_one = segmentor.engine.slide_inference(image)
     finally:
-        segmentor.max_crops_per_forward = 64
+        segmentor.engine.max_crops_per_forward = 64
     torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=0)
     # and equal to averaging crop_logits of each window by hand
     expected = torch.zeros_like(batched)
     count = torch.zeros(1, 50, 70)
     for y1, y2, x1, x2 in sliding_windows(50, 70, 32, 16):
-        expected[:, y1:y2, x1:x2] += segmentor.crop_logits(image[None, :, y1:y2, x1:x2])[0]
+        expected[:, y1:y2, x1:x2] += segmentor.pipeline.crop_logits(image[None, :, y1:y2, x1:x2])[0]
         count[:, y1:y2, x1:x2] += 1
     torch.testing.assert_close(batched, expected / count, atol=1e-5, rtol=0)
 
@@ -69,7 +69,7 @@ def test_padding_is_centred_and_cut():
 
 def test_whole_image_mode(segmentor):
     whole = build(slide_crop=0)
-    logits = whole.slide_inference(torch.randn(3, 24, 40))
+    logits = whole.engine.slide_inference(torch.randn(3, 24, 40))
     assert logits.shape == (6, 24, 40)  # 6 queries
 
 
@@ -77,7 +77,7 @@ def test_predict_outputs_follow_the_published_postprocessing(segmentor):
     inputs = torch.randn(2, 3, 40, 48)
     samples = segmentor.predict(inputs)
     for image, sample in zip(inputs, samples):
-        logits = segmentor.slide_inference(image)
+        logits = segmentor.engine.slide_inference(image)
         probs = (40.0 * logits).softmax(0)
         per_class = torch.stack([probs[0:2].max(0).values, probs[2], probs[3:6].max(0).values])
         torch.testing.assert_close(sample.seg_logits.data,
@@ -99,20 +99,20 @@ def test_prob_and_area_thresholds_send_pixels_to_background(segmentor):
     logits[0, 2] = 0.1  # class 1 confident everywhere (p = e^4 / (e^4 + 5) = 0.92) ...
     logits[0, 3, 0, 0] = 0.2  # ... but class 2 wins one pixel (5% of the area)
     logits[0, 2, 3, 4] = 0.01  # one unsure pixel of class 1 (p = 0.23)
-    _, plain = segmentor.segment_logits(logits)
+    _, plain = segmentor.engine.segment_logits(logits)
     assert plain[0, 0, 0] == 2 and plain[0, 3, 4] == 1 and (plain == 1).sum() == 19
-    segmentor.prob_thd, segmentor.area_thd = 0.5, 0.1
+    segmentor.engine.prob_thd, segmentor.engine.area_thd = 0.5, 0.1
     try:
-        _, labels = segmentor.segment_logits(logits)
+        _, labels = segmentor.engine.segment_logits(logits)
     finally:
-        segmentor.prob_thd, segmentor.area_thd = 0.0, 0.0
+        segmentor.engine.prob_thd, segmentor.engine.area_thd = 0.0, 0.0
     assert labels[0, 0, 0] == 0 and labels[0, 3, 4] == 0
     assert (labels == 1).sum() == 18
 
 
 def test_segment_logits_is_the_published_softmax_then_synonym_max(segmentor):
     logits = torch.randn(2, 6, 7, 9) * 0.1
-    probs, labels = segmentor.segment_logits(logits)
+    probs, labels = segmentor.engine.segment_logits(logits)
     query_probs = (40.0 * logits).softmax(1)
     per_class = torch.stack([query_probs[:, 0:2].amax(1), query_probs[:, 2],
                              query_probs[:, 3:6].amax(1)], dim=1)
@@ -225,11 +225,11 @@ def test_mixed_size_batch_equals_images_one_by_one(segmentor):
     for slot, image in zip(padded, images):
         slot[:, :image.shape[1], :image.shape[2]] = image
     samples = [SegDataSample(metainfo=dict(img_shape=size, ori_shape=size)) for size in sizes]
-    segmentor.max_crops_per_forward = 5  # chunks mix crops of different images
+    segmentor.engine.max_crops_per_forward = 5  # chunks mix crops of different images
     try:
         batched = segmentor.predict(padded, samples)
     finally:
-        segmentor.max_crops_per_forward = 64
+        segmentor.engine.max_crops_per_forward = 64
     for image, sample in zip(images, batched):
         single = segmentor.predict(image[None])[0]
         torch.testing.assert_close(sample.seg_logits.data, single.seg_logits.data, atol=1e-5,
@@ -239,8 +239,8 @@ def test_mixed_size_batch_equals_images_one_by_one(segmentor):
 
 def test_bf16_autocast_is_close_to_fp32():
     inputs = torch.randn(1, 3, 40, 48, generator=torch.Generator().manual_seed(3))
-    fp32 = build().slide_inference(inputs[0])
-    bf16 = build(precision='bf16').slide_inference(inputs[0])
+    fp32 = build().engine.slide_inference(inputs[0])
+    bf16 = build(precision='bf16').engine.slide_inference(inputs[0])
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
     assert (bf16 - fp32).abs().max() < 0.05  # cosine logits, bf16 has ~3 digits
 

@@ -193,18 +193,18 @@ def test_bad_stage_values_fail_before_the_first_image(tmp_path):
 def test_stages_run_from_the_flattened_graph_inputs():
     """What a variant's CUDA graph reads (x_cls, attention, memoised X) gives the same
     logits as the full encodings."""
-    from mmseg_selfattn.segmentor import _flatten_encoded
+    from mmseg_selfattn.cuda_graphs import flatten_encoded
     torch.manual_seed(0)
     model = build_full_model()
     variant = model.with_pipeline(outlier_suppression_cfg=dict(top_k=3))
     crops = torch.randn(4, 3, 32, 32)
-    encoded = [model.encode_crops(crops, True, (1, ))]
-    expected = variant.stage_patch_logits(encoded[0])  # fills the dense memo
-    tensors, rebuild = _flatten_encoded(encoded, variant._dense_key)
+    encoded = [model.pipeline.encode_crops(crops, True, (1, ))]
+    expected = variant.pipeline.stage_patch_logits(encoded[0])  # fills the dense memo
+    tensors, rebuild = flatten_encoded(encoded, variant.pipeline.dense_key)
     assert len(tensors) == 3
     rebuilt = rebuild([tensor.clone() for tensor in tensors])
     assert rebuilt[0].q is None
-    assert torch.equal(variant.stage_patch_logits(rebuilt[0]), expected)
+    assert torch.equal(variant.pipeline.stage_patch_logits(rebuilt[0]), expected)
 
 
 def build_full_model():

@@ -1,0 +1,311 @@
+"""What is computed for a batch of crops (SPEC §1): crops -> patch-grid query logits.
+
+``CropPipeline`` owns the dense encoder, stages 2-6 and the text classifier::
+
+    crop_patch_logits(crops)
+        encode_crops()            1 standard forward: A, q/k/v, mid features, x_cls
+        stage_patch_logits()
+            dense_block()         2 similarity bias on the logits; last block in the
+                                    `attention` variant (3 'attention' mode edits P) -> X
+            3 self-attention enhancement ('feature' mode rescales X)
+            4 outlier suppression   replaces high A[cls,i]/A[i,i] tokens
+            5 global debias         removes x_cls from X
+            6 CTD                   cluster-wise x_cls removal
+            classify()              cos(X, text queries) on the patch grid
+
+Variants (``with_settings``) share the encoder's weights and the text embeddings and
+differ in ``PIPELINE_KEYS``: what comes after blocks 1..L-1, so several of them can run on
+one ``encode_crops`` output (tools/sweep.py).
+"""
+import itertools
+from contextlib import nullcontext
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config_checks import check_number, init_defaults
+from .encoder import DenseCLIPEncoder, EncodedCrops
+from .stages import PIPELINE_STAGES, build_stage
+from .stages.global_debias import cls_logit_bias
+from .stages.self_attn_enhancement import enhanced_attention, self_attention_deficit
+from .text_classifier import ClassNames, TextClassifier, query_to_class_index
+
+# keys of the pipeline: the dense last block, stages 2-6 and the classifier
+PIPELINE_KEYS = ('attention', 'gaussian_std', 'cls_token_lambda',
+                 *(f'{prefix}{name}{suffix}' for name in PIPELINE_STAGES
+                   for prefix, suffix in (('apply_', ''), ('', '_cfg'))))
+STAGE_GRAPHS = 64  # compiled variants of the stages per process
+_SERIALS = itertools.count()
+
+
+class CropPipeline(nn.Module):
+    """Stages 1-7 on batches of crops.
+
+    Args:
+        visual: the CLIP image tower (in the ViT's precision; shared by variants).
+        text_classifier: the text tower's prompt-ensemble embeddings (shared).
+        class_names: the classes, each a tuple of synonyms (one query each).
+        vit_dtype: dtype the crops are cast to for the ViT.
+        compile: ``torch.compile`` blocks 1..L-1 and stages 2-7.
+        attention, gaussian_std: the dense last block (``DenseCLIPEncoder``).
+        cls_token_lambda: logit-level CLS debias (SPEC §1.5), 0 = off.
+        apply_<stage> / <stage>_cfg: stages 2-6.
+
+    Hooks (None = off): ``timer(stage)`` a context manager timing each stage
+    (tools/benchmark.py), ``recorder(**tensors)`` keeping the stages' tensors
+    (explain.py), ``stage_check(stage, tensors)`` after each stage (non_finite.py).
+    """
+
+    def __init__(self, visual: nn.Module, text_classifier: TextClassifier,
+                 class_names: ClassNames, vit_dtype: torch.dtype = torch.float32,
+                 compile: bool = False, attention: str = 'naclip', gaussian_std: float = 5.0,
+                 cls_token_lambda: float = 0.0, **stage_keys):
+        super().__init__()
+        self.__dict__['_visual'] = visual  # registered once, as encoder.visual
+        self.text_classifier = text_classifier
+        self.class_names = class_names
+        # (Q,) class of each query; a buffer, so it moves with .to()
+        self.register_buffer('query_class', query_to_class_index(class_names),
+                             persistent=False)
+        self.vit_dtype = vit_dtype
+        self.compile = compile
+        self.timer = self.recorder = self.stage_check = None
+        self.serial = next(_SERIALS)  # identifies these settings (CUDA-graph keys)
+        self.settings = dict(attention=attention, gaussian_std=gaussian_std,
+                             cls_token_lambda=cls_token_lambda, **stage_keys)
+        self.encoder = DenseCLIPEncoder(visual, attention, gaussian_std)
+        if compile:  # on this encoder instance only (a reference copy stays eager)
+            self.encoder.compile_blocks()
+        self.cls_token_lambda = check_number('cls_token_lambda', cls_token_lambda)
+        self.stage_settings: Dict[str, dict] = {}  # enabled stage -> its settings
+        for name in PIPELINE_STAGES:  # each enabled stage logs its start-up line
+            enabled, cfg = stage_keys[f'apply_{name}'], stage_keys[f'{name}_cfg']
+            stage = build_stage(name, enabled, cfg)
+            setattr(self, name, stage)
+            if stage is not None:
+                settings = {key: value for key, value in (cfg or {}).items() if key != 'type'}
+                self.stage_settings[name] = {**init_defaults(type(stage)), **settings}
+        self._check_stage_compatibility(attention)
+        attention_mode = (self.self_attn_enhancement is not None
+                          and self.self_attn_enhancement.mode == 'attention')
+        # what decides the dense block's output (its memo key in EncodedCrops)
+        self.dense_key = (attention, self.encoder.gaussian_std,
+                          repr(self.similarity_enhancement),
+                          repr(self.self_attn_enhancement) if attention_mode else None)
+        self.plain_dense_key = self.dense_key[:3] + (None, )  # without stage 3's edit
+        # layer-wise enhancement of earlier blocks (part of the encoding)
+        self.block_edits = {} if self.self_attn_enhancement is None else {
+            index: (self.self_attn_enhancement.mode, strength,
+                    self.self_attn_enhancement.threshold)
+            for index, strength in self.self_attn_enhancement.resolve_layers(
+                self.encoder.num_blocks).items()}
+        self.register_buffer('_class_tau', self._class_thresholds(), persistent=False)
+
+    def with_settings(self, **overrides) -> 'CropPipeline':
+        """A pipeline on the same ViT weights and text classifier whose ``PIPELINE_KEYS``
+        are these settings with ``overrides`` (a ``<stage>_cfg`` replaces the whole cfg)."""
+        unknown = sorted(set(overrides) - set(PIPELINE_KEYS))
+        if unknown:
+            raise ValueError(f'{unknown} are not pipeline keys; it takes {list(PIPELINE_KEYS)}.')
+        variant = CropPipeline(self._visual, self.text_classifier, self.class_names,
+                               self.vit_dtype, False, **{**self.settings, **overrides})
+        variant.compile = self.compile  # compiled stages; its blocks run eagerly
+        return variant.to(self.query_class.device)
+
+    # -- crops -> logits ---------------------------------------------------------------------
+    def crop_logits(self, crops: Tensor) -> Tensor:
+        """Query logits (B, Q, H, W) of crops (B, 3, H, W), bilinear from the patch grid."""
+        return F.interpolate(self.crop_patch_logits(crops), size=crops.shape[-2:],
+                             mode='bilinear')
+
+    def crop_patch_logits(self, crops: Tensor) -> Tensor:
+        """Stages 1-7 on crops (B, 3, H, W) -> query logits on the patch grid (B, Q, h, w)."""
+        return self.stage_patch_logits(self.encode_crops(crops))
+
+    def encode_crops(self, crops: Tensor, capture_attention: bool = False,
+                     mid_layers: Sequence[int] = ()) -> EncodedCrops:
+        """Stage 1: blocks 1..L-1 and what the later stages need from them, for this
+        pipeline's stages, plus the attention / mid layers asked for (tools/sweep.py
+        encodes once for several variants)."""
+        with self._timed('encode'):
+            encoded = self.encoder.encode(
+                crops.to(self.vit_dtype),
+                capture_attention=(capture_attention or self.needs_attention
+                                   or self.recorder is not None),
+                mid_layers=(tuple(sorted({*self.mid_layers, *mid_layers})) if mid_layers
+                            else self.mid_layers), block_edits=self.block_edits)
+        self._check('encode', encoded.x_cls, encoded.attention)
+        return encoded
+
+    def stage_patch_logits(self, encoded: EncodedCrops) -> Tensor:
+        """Stages 2-7 on encoded crops -> query logits on the patch grid (B, Q, h, w).
+        ``encoded`` is read, not changed (its dense memo aside). With ``compile=True``
+        they run ``torch.compile``d (not while the hooks look inside)."""
+        if (self.compile and self.timer is None and self.recorder is None
+                and self.stage_check is None):
+            self.text_classifier.query_embeddings(self.class_names)  # cached outside the graph
+            # one graph per crop count and settings: more than dynamo's default 8 (past it
+            # the stages would silently run eagerly)
+            with torch._dynamo.config.patch(recompile_limit=STAGE_GRAPHS):
+                return _compiled_stages()(self, encoded)
+        return self._stage_patch_logits(encoded)
+
+    def _stage_patch_logits(self, encoded: EncodedCrops) -> Tensor:
+        self_attn = self.self_attn_enhancement
+        record = self.recorder  # explain(): keeps the stages' own tensors
+        deficit = strength = None
+        if self_attn is not None:
+            deficit, strength = self.enhancement_inputs(encoded)
+        features = self.dense_block(encoded, deficit, strength)
+        # stages 2-6 and the classifier in fp32 (cheap, and DBSCAN's eps is precise)
+        features, x_cls = features.float(), encoded.x_cls.float()
+        if self_attn is not None and self_attn.mode == 'feature':  # rescales X
+            with self._timed('self_attn_enhancement'):
+                features = self_attn.enhance_features(features, deficit, strength)
+            self._check('self_attn_enhancement', features)
+        if self.outlier_suppression is not None:
+            with self._timed('outlier_suppression'):
+                features = self.outlier_suppression(
+                    features, self._score_attention(encoded.attention, deficit, strength),
+                    encoded.grid)
+            self._check('outlier_suppression', features)
+        if record is not None:
+            record(attention=encoded.attention, x_cls=x_cls, deficit=deficit,
+                   features_before_debias=features)
+        if self.global_debias is not None:
+            with self._timed('global_debias'):
+                features = self.global_debias(features, x_cls)
+            self._check('global_debias', features)
+        if self.ctd is not None:
+            with self._timed('ctd'):
+                features = self.ctd(features, x_cls)
+            self._check('ctd', features)
+        if record is not None:
+            record(features_after_debias=features, **self._stage_diagnostics())
+        with self._timed('classify'):
+            logits = self.classify(features, x_cls)  # (B, N, Q)
+        self._check('classify', logits)
+        return logits.transpose(1, 2).unflatten(-1, encoded.grid)
+
+    def classify(self, features: Tensor, x_cls: Optional[Tensor] = None) -> Tensor:
+        """cos(X_i, t_q) for every patch and query, (B, N, D) -> (B, N, Q), plus
+        ``cls_token_lambda * cos(x_cls, t_q)`` when that is set."""
+        queries = self.text_classifier.query_embeddings(self.class_names)
+        logits = F.normalize(features.float(), dim=-1) @ queries.T
+        if self.cls_token_lambda and x_cls is not None:
+            logits = logits + cls_logit_bias(x_cls.float(), queries, self.cls_token_lambda)
+        return logits
+
+    # -- stages 2-4 inputs -----------------------------------------------------------------
+    @property
+    def outliers_score_enhanced(self) -> bool:
+        """Whether outlier suppression scores with Ã, the attention self-attention
+        enhancement boosted (``score_attention='enhanced'``, SPEC §1.4), not A."""
+        self_attn = self.self_attn_enhancement
+        return (getattr(self.outlier_suppression, 'score_attention', 'original') == 'enhanced'
+                and self_attn is not None and not self_attn.is_neutral)
+
+    def _score_attention(self, attention: Tensor, deficit: Optional[Tensor],
+                         strength) -> Tensor:
+        """The attention outlier suppression scores with: Ã or A."""
+        if not self.outliers_score_enhanced:
+            return attention
+        return enhanced_attention(attention, deficit, strength)
+
+    def dense_block(self, encoded: EncodedCrops, deficit: Optional[Tensor],
+                    strength=None, enhanced: bool = True) -> Tensor:
+        """X of the dense last block with stage 2's attention bias and, in 'attention'
+        mode, stage 3's edit of P (``enhanced=False``: without it); memoised in
+        ``encoded`` by ``dense_key``."""
+        key = self.dense_key if enhanced else self.plain_dense_key
+        if key in encoded.dense_memo:
+            return encoded.dense_memo[key]
+        similarity, self_attn = self.similarity_enhancement, self.self_attn_enhancement
+        attention_bias = probs_hook = None
+        if similarity is not None:
+            with self._timed('similarity_enhancement'):
+                attention_bias = similarity.attention_bias(
+                    [encoded.mid_features[index] for index in self.mid_layers])
+            self._check('similarity_enhancement', attention_bias)
+        if enhanced and self_attn is not None and self_attn.mode == 'attention':
+            with self._timed('self_attn_enhancement'):  # edits P in the block
+                probs_hook = self_attn.probs_hook(deficit, strength)
+        with self._timed('dense_block'):
+            features = self.encoder.dense_features(encoded, attention_bias, probs_hook)
+        self._check('dense block' + (' with self-attention enhancement' if probs_hook else ''),
+                    features)
+        encoded.dense_memo[key] = features
+        return features
+
+    def enhancement_inputs(self, encoded: EncodedCrops) -> Tuple[Tensor, object]:
+        """Stage 3's deficit e (B, N) and strength (s, or s_i per token). With
+        ``class_thresholds`` each token's τ is that of its class c(i), the argmax class
+        of the classifier on the unenhanced dense features."""
+        self_attn = self.self_attn_enhancement
+        strength = self_attn.token_strength(encoded.attention)
+        if self._class_tau is None:
+            return self_attn.deficit(encoded.attention), strength
+        plain = self.dense_block(encoded, None, enhanced=False)
+        logits = self.classify(plain.float(), encoded.x_cls.float())  # (B, N, Q)
+        tau = self._class_tau[self.query_class[logits.argmax(dim=-1)]]
+        return self_attention_deficit(encoded.attention, tau), strength
+
+    def _class_thresholds(self) -> Optional[Tensor]:
+        """(C,) τ per class from ``self_attn_enhancement_cfg.class_thresholds`` (None when
+        unset); a class is named by any of its synonyms."""
+        self_attn = self.self_attn_enhancement
+        if self_attn is None or not self_attn.class_thresholds:
+            return None
+        index = {name: c for c, synonyms in enumerate(self.class_names) for name in synonyms}
+        unknown = sorted(set(self_attn.class_thresholds) - set(index))
+        if unknown:
+            raise ValueError(
+                f'self_attn_enhancement_cfg.class_thresholds: unknown class(es) {unknown}; '
+                f'the classes are {[synonyms[0] for synonyms in self.class_names]} (or any '
+                'of their synonyms).')
+        tau = torch.full((len(self.class_names), ), float(self_attn.threshold),
+                         device=self.query_class.device)
+        for name, value in self_attn.class_thresholds.items():
+            tau[index[name]] = value
+        return tau
+
+    def _stage_diagnostics(self) -> Dict[str, Optional[Tensor]]:
+        """What stages 4 and 6 kept of their latest call (for ``explain``)."""
+        outliers, ctd = self.outlier_suppression, self.ctd
+        return dict(
+            outlier_scores=getattr(outliers, 'last_scores', None),
+            outlier_indices=getattr(outliers, 'last_outlier_indices', None),
+            ctd_labels=getattr(ctd, 'last_labels', None))
+
+    def _check_stage_compatibility(self, attention: str) -> None:
+        if self.similarity_enhancement is not None and attention == 'maskclip':
+            raise ValueError("apply_similarity_enhancement=True needs attention logits, but "
+                             "attention='maskclip' has none; use another attention variant.")
+        layers = self.similarity_enhancement.layers if self.similarity_enhancement else ()
+        try:
+            self.mid_layers = tuple(self.encoder.block_index(layer) for layer in layers)
+        except ValueError as error:
+            raise ValueError(f'similarity_enhancement_cfg.layer: {error}') from None
+        # the captured attention A feeds stages 3 and 4
+        self.needs_attention = (self.self_attn_enhancement is not None
+                                or self.outlier_suppression is not None)
+
+    def _check(self, stage: str, *tensors: Optional[Tensor]) -> None:
+        if self.stage_check is not None:
+            self.stage_check(stage, tensors)
+
+    def _timed(self, stage: str):
+        return self.timer(stage) if self.timer is not None else nullcontext()
+
+
+_COMPILED_STAGES = []
+
+
+def _compiled_stages():
+    """``CropPipeline._stage_patch_logits`` through ``torch.compile`` (one per process,
+    built on first use; each pipeline's settings are guards of it)."""
+    if not _COMPILED_STAGES:
+        _COMPILED_STAGES.append(torch.compile(CropPipeline._stage_patch_logits, dynamic=False))
+    return _COMPILED_STAGES[0]
