@@ -248,3 +248,15 @@ def test_bf16_autocast_is_close_to_fp32():
 def test_unknown_precision_is_rejected():
     with pytest.raises(ValueError, match=r"precision must be one of \['fp32', 'fp16', 'bf16'\]"):
         build(precision='fp64')
+
+
+def test_checkpoint_with_the_keys_before_the_pipeline_split_loads():
+    """Before crop_pipeline.py the encoder and text classifier were the segmentor's own
+    children (keys ``encoder.*``, ``text_classifier.*``): such checkpoints still load."""
+    model = build(apply_global_debias=True)
+    old_layout = {key.removeprefix('pipeline.'): value + 1.0
+                  for key, value in model.state_dict().items()}
+    assert any(key.startswith('encoder.visual.') for key in old_layout)
+    model.load_state_dict(old_layout, strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, old_layout[key.removeprefix('pipeline.')]), key
