@@ -18,22 +18,20 @@ import argparse
 import os.path as osp
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import List, Optional
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-sys.path.append(osp.dirname(osp.abspath(__file__)))  # check_data.py (after the stdlib)
-warnings.filterwarnings('ignore', 'Fail to import ``MultiScaleDeformableAttention``')  # mmcv-lite
-warnings.filterwarnings('ignore', 'The draw is False')  # mmseg's hook, off in our configs
 import mmseg_selfattn  # noqa: E402,F401  (mmcv.ops stand-in, registers modules)
 
 from mmengine.config import DictAction  # noqa: E402
 
-from check_data import checked_runner, key_value, load_config  # noqa: E402
-from mmseg_selfattn.cli import UsageError, check_out_dir, run_main, user_files  # noqa: E402
+from mmseg_selfattn.cli import (UsageError, check_out_dir, key_value,  # noqa: E402
+                                run_main, user_files)
 from mmseg_selfattn.progress import RunSetProgress, with_progress  # noqa: E402
 from mmseg_selfattn.stages import PIPELINE_STAGES  # noqa: E402
+from mmseg_selfattn.tool_checks import (checked_runner, load_config,  # noqa: E402
+                                        with_cfg_options)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -83,8 +81,7 @@ def evaluate(config: Path, args: argparse.Namespace, row: int):
     if not args.no_progress:
         with_progress(cfg)
     start = time.perf_counter()
-    runner = checked_runner(cfg, f'CONFIG {config}' + (' with --cfg-options'
-                                                       if args.cfg_options else ''),
+    runner = checked_runner(cfg, with_cfg_options(f'CONFIG {config}', args.cfg_options),
                             'set test_dataloader.dataset.data_root with --cfg-options')
     metrics = runner.test()
     return cfg, metrics, time.perf_counter() - start

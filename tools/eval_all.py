@@ -34,30 +34,26 @@ import os.path as osp
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
 # Usable from a plain checkout; the package goes before mmseg (mmcv.ops stand-in).
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-sys.path.append(str(REPO_ROOT / 'tools'))  # check_data.py (after the stdlib)
-warnings.filterwarnings('ignore', 'Fail to import ``MultiScaleDeformableAttention``')  # mmcv-lite
-warnings.filterwarnings('ignore', 'The draw is False')  # mmseg's hook, off in our configs
 import mmseg_selfattn  # noqa: E402,F401
 
 import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
-from check_data import (check_launcher, checked_runner, key_value,  # noqa: E402
-                        load_config)
 from mmseg_selfattn.benchmarks import (BENCHMARKS, METHOD_CONFIGS,  # noqa: E402
                                        config_fingerprint, method_config,
                                        set_data_dir)
 from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir,  # noqa: E402
-                                run_main, user_files)
+                                key_value, run_main, user_files)
 from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
 from mmseg_selfattn.progress import RunSetProgress, with_progress  # noqa: E402
+from mmseg_selfattn.tool_checks import (check_launcher, checked_runner,  # noqa: E402
+                                        load_config, with_cfg_options)
 
 METRICS = ('mIoU', 'mAcc', 'aAcc')
 
@@ -236,8 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 say(f'{prefix}: config changed since the stored result, evaluating again')
             say(f'{prefix}: evaluating {config} ({runs.status(index)})')
             result = evaluate(name, cfg, entry_dir, args.launcher, not args.no_progress,
-                              f'CONFIG {config}' + (' with --cfg-options'
-                                                    if args.cfg_options else ''))
+                              with_cfg_options(f'CONFIG {config}', args.cfg_options))
             runs.timed(result['seconds'])
             result.update(config=str(config), fingerprint=key)
             if rank == 0:

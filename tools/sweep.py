@@ -34,27 +34,23 @@ import os
 import os.path as osp
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-sys.path.append(osp.dirname(osp.abspath(__file__)))  # check_data.py (after the stdlib)
-warnings.filterwarnings('ignore', 'Fail to import ``MultiScaleDeformableAttention``')  # mmcv-lite
-warnings.filterwarnings('ignore', 'The draw is False')  # mmseg's hook, off in our configs
 import mmseg_selfattn  # noqa: E402,F401  (mmcv.ops stand-in, registers modules)
 
 from mmengine.config import Config, DictAction  # noqa: E402
 
-from check_data import (check_launcher, checked_runner, key_value,  # noqa: E402
-                        load_config)
 from mmseg_selfattn.benchmarks import config_fingerprint, set_data_dir  # noqa: E402
 from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir,  # noqa: E402
-                                run_main, user_files)
+                                key_value, run_main, user_files)
 from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
 from mmseg_selfattn.progress import with_progress  # noqa: E402
 from mmseg_selfattn.sweep import (cfg_options, check_grid,  # noqa: E402
                                   format_value, grid_points, parse_grid)
+from mmseg_selfattn.tool_checks import (check_launcher, checked_runner,  # noqa: E402
+                                        load_config, with_cfg_options)
 
 METRICS = ('mIoU', 'mAcc', 'aAcc')
 
@@ -187,7 +183,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not args.no_progress:
         with_progress(cfg)
     start = time.perf_counter()
-    what = f'CONFIG {args.config}' + (' with --cfg-options' if args.cfg_options else '')
+    what = with_cfg_options(f'CONFIG {args.config}', args.cfg_options)
     runner = checked_runner(cfg, what, 'give --data-root DIR or set '
                             'test_dataloader.dataset.data_root with --cfg-options')
     with user_files(grid_source(args)):  # each point's pipeline: a refused value fails here

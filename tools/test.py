@@ -19,26 +19,22 @@ import os
 import os.path as osp
 import sys
 import time
-import warnings
 from typing import List, Optional
 
 # Usable from a plain checkout: the repo root goes on sys.path, and the
 # package is imported before mmseg so that its mmcv.ops stand-in is in place.
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-sys.path.append(osp.dirname(osp.abspath(__file__)))  # check_data.py (after the stdlib)
-warnings.filterwarnings('ignore', 'Fail to import ``MultiScaleDeformableAttention``')  # mmcv-lite
-warnings.filterwarnings('ignore', 'The draw is False')  # mmseg's hook, off in our configs
 import mmseg_selfattn  # noqa: E402,F401
 
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 
-from check_data import (check_launcher, checked_runner, key_value,  # noqa: E402
-                        load_config)
 from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir,  # noqa: E402
-                                run_main)
+                                key_value, run_main)
 from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
 from mmseg_selfattn.progress import with_progress  # noqa: E402
+from mmseg_selfattn.tool_checks import (check_launcher, checked_runner,  # noqa: E402
+                                        load_config, with_cfg_options)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -165,7 +161,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not args.no_progress:
         with_progress(cfg)
     runner = checked_runner(
-        cfg, f'CONFIG {args.config}' + (' with --cfg-options' if args.cfg_options else ''),
+        cfg, with_cfg_options(f'CONFIG {args.config}', args.cfg_options),
         'set test_dataloader.dataset.data_root with --cfg-options')
     steady = SteadyThroughputHook()
     runner.register_hook(steady, priority='LOWEST')
