@@ -17,12 +17,14 @@ a ``UsageError`` naming the file. Anything else is a bug and keeps its traceback
         sys.exit(run_main(main))
 
 It also holds the argparse types and argument checks several tools share (``key_value``,
-``positive_int``, ``torch_device``, ``check_pretrained``, ``check_out_file``). This module
+``positive_int``, ``number``, ``integer``, ``torch_device``, ``check_pretrained``,
+``check_out_file``). This module
 is imported by ``clip_loader``: it keeps to the standard library at import time (torch and
 open_clip are imported by the functions that need them). The checks of configs, models
 and runners are in ``tool_checks``.
 """
 import argparse
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -141,6 +143,32 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f'{text!r} is not a positive integer')
     return value
+
+
+def number(low: float, high: float = math.inf, low_open: bool = False,
+           integer: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number (an integer if ``integer``) in [low, high] ((low, high]
+    if ``low_open``; no upper bound if ``high`` is inf)."""
+    kind = 'an integer' if integer else 'a number'
+
+    def parse(text: str) -> float:
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            value = math.nan
+        if not (low < value if low_open else low <= value) or not value <= high:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(
+                f'{text!r} is not {kind} in {interval}' if high < math.inf
+                else f'{text!r} is not {kind} >{"" if low_open else "="} {low:g}')
+        return value
+    parse.__name__ = 'integer' if integer else 'number'
+    return parse
+
+
+def integer(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+    return number(minimum, integer=True)
 
 
 def torch_device(text: str) -> str:

@@ -31,13 +31,10 @@ naming the argument or file, exit code 2 (docs/errors.md lists them).
 import argparse
 import json
 import math
-import os.path as osp
-import re
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence
+from typing import Iterable, Iterator, List, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -45,7 +42,6 @@ import mmseg_selfattn  # noqa: E402,F401  (mmcv.ops stand-in, registers the segm
 
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
-import open_clip  # noqa: E402
 import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
@@ -55,9 +51,12 @@ from mmseg_selfattn.attention_stats import (EPS_GRID, MAX_NOISE_FRACTION,  # noq
                                             MIN_RATIO_GRID, TAU_GRID, AttentionStatistics,
                                             grid_key)
 from mmseg_selfattn.benchmarks import dataset_cfg_of, set_data_dir  # noqa: E402
-from mmseg_selfattn.cli import (USER_FILE_ERRORS, UsageError, check_exists,  # noqa: E402
-                                check_out_dir, run_main, user_files)
+from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir,  # noqa: E402
+                                check_pretrained, key_value, number, positive_int,
+                                run_main, torch_device, user_files)
 from mmseg_selfattn.progress import BAR_FORMAT, LINE_FORMAT  # noqa: E402
+from mmseg_selfattn.tool_checks import (check_segmentor_config, model_settings,  # noqa: E402
+                                        read_config)
 from mmseg_selfattn.transforms import decode_image_file  # noqa: E402
 
 matplotlib.use('Agg')
@@ -101,96 +100,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a positive integer')
-    return value
-
-
-def number(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
-    """An argparse type: a number in [low, high] ((low, high] if ``low_open``)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (low < value if low_open else low <= value) or not value <= high:
-            interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-            raise argparse.ArgumentTypeError(
-                f'{text!r} is not a number in {interval}' if high < math.inf
-                else f'{text!r} is not a number >{"" if low_open else "="} {low:g}')
-        return value
-    parse.__name__ = 'number'
-    return parse
-
-
-def torch_device(text: str) -> str:
-    """--device: cpu, cuda or cuda:N of a GPU that is there."""
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ('cpu', 'cuda'):
-        raise argparse.ArgumentTypeError(f'{text!r} is not a device: use cpu, cuda or cuda:N')
-    count = torch.cuda.device_count() if device.type == 'cuda' else 0
-    if device.type == 'cuda' and not count:
-        raise argparse.ArgumentTypeError(f'{text!r}: no CUDA GPU is visible here; use cpu')
-    if device.type == 'cuda' and (device.index or 0) >= count:
-        raise argparse.ArgumentTypeError(f'{text!r}: this machine has {count} CUDA GPU(s) '
-                                         f'(cuda:0 to cuda:{count - 1})')
-    return text
-
-
-def key_value(text: str) -> str:
-    """One --cfg-options item: KEY=VALUE (mmengine's DictAction fails on anything else
-    with a traceback)."""
-    key, sep, _ = text.partition('=')
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f'{text!r} is not KEY=VALUE, e.g. model.slide_crop=336')
-    return text
-
-
 def check_arguments(args: argparse.Namespace) -> None:
     """``UsageError`` for the mistakes that can be seen before anything is read."""
     check_exists('CONFIG', args.config)
     check_exists('--data-root', args.data_root, 'folder')
-    check_out_dir('--out-dir', args.out_dir)
-    parent = Path(args.out_dir or '.').parent  # the folder it is made in
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise UsageError(f'--out-dir {args.out_dir}: {parent} is not a folder')
+    check_out_dir('--out-dir', args.out_dir, parents=True)
     check_pretrained(args.pretrained)
 
 
-def check_pretrained(value: Optional[str]) -> None:
-    """--pretrained: 'none', a checkpoint file or an open_clip tag (of some arch: the
-    model checks that it is one of its arch's when it loads)."""
-    if value is None or value.lower() == 'none' or osp.isfile(value):
-        return
-    if osp.exists(value):
-        raise UsageError(f'--pretrained {value}: not a file')
-    tags = {tag.lower().replace('-', '_') for _, tag in open_clip.list_pretrained()}
-    if value.lower().replace('-', '_') not in tags:
-        raise UsageError(f"--pretrained {value}: no such file, and not an open_clip tag; give "
-                         "a checkpoint file, a tag such as openai, or 'none' for random weights")
-
-
 def build_config(args: argparse.Namespace) -> Config:
-    with user_files(f'CONFIG {args.config}'):
-        cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        with user_files('--cfg-options', USER_FILE_ERRORS + (TypeError,)):  # a key of
-            cfg.merge_from_dict(args.cfg_options)  # a number given a sub-key: TypeError
-    model = cfg.get('model')
-    if not isinstance(model, dict) or not isinstance(model.get('clip'), dict):
-        raise UsageError(f'CONFIG {args.config}: not a segmentor config of this package (it '
-                         'has no model.clip); give e.g. '
-                         'configs/selfattn/selfattn-full_vit-b16_voc21.py')
+    cfg = read_config(args.config, args.cfg_options)
+    check_segmentor_config(cfg, f'CONFIG {args.config}',
+                           'configs/selfattn/selfattn-full_vit-b16_voc21.py')
     if args.pretrained is not None:
         cfg.model.clip.pretrained = None if args.pretrained.lower() == 'none' \
             else args.pretrained
@@ -198,46 +119,6 @@ def build_config(args: argparse.Namespace) -> Config:
         raise UsageError(f'CONFIG {args.config}: it has no test_dataloader (no test set); '
                          'give --images')
     return set_data_dir(cfg, args.data_root and str(Path(args.data_root).resolve()))
-
-
-def setting_source(args: argparse.Namespace, message: str, keyword: str = '') -> str:
-    """The option that set the model setting ``message`` names (or the one whose last key
-    is ``keyword``), else the config."""
-    options = [(f'--pretrained {args.pretrained}', 'clip.pretrained')] \
-        if args.pretrained is not None else []
-    options += [(f'--cfg-options {key}={value}', key.removeprefix('model.'))
-                for key, value in (args.cfg_options or {}).items()]
-    return next((option for option, key in options
-                 if (key.split('.')[-1] == keyword if keyword else key in message)),
-                f'CONFIG {args.config}')
-
-
-def config_keys(cfg) -> set:
-    """Every key of a (nested) config dict."""
-    keys = set()
-    for key, value in cfg.items():
-        keys.add(key)
-        if isinstance(value, dict):
-            keys |= config_keys(value)
-    return keys
-
-
-@contextmanager
-def model_settings(args: argparse.Namespace, cfg: Config) -> Iterator[None]:
-    """Errors of building the model that come from its settings (the package raises
-    ``ValueError`` naming the key; an unknown key is a ``TypeError`` of the constructor)
-    -> ``UsageError`` naming the option or file that set it."""
-    try:
-        yield
-    except TypeError as error:
-        keyword = re.search(r"unexpected keyword argument '(\w+)'", str(error))
-        if keyword is None or keyword.group(1) not in config_keys(cfg.model):
-            raise  # not a key of the user's: a bug
-        source = setting_source(args, str(error), keyword.group(1))
-        raise UsageError(f'{source}: {error}') from error
-    except USER_FILE_ERRORS as error:
-        with user_files(setting_source(args, str(error))):
-            raise
 
 
 # -- inputs ---------------------------------------------------------------------------------
@@ -601,7 +482,7 @@ def run(args: argparse.Namespace) -> Path:
 
     from mmseg.apis import init_model
     torch.manual_seed(args.seed)
-    with model_settings(args, cfg):
+    with model_settings(args, cfg, 'CONFIG', clip_options=('pretrained', )):
         model = init_model(cfg, None, device=args.device)
     model_seconds = time.perf_counter() - start
     random_weights = cfg.model.clip.get('pretrained') is None

@@ -33,24 +33,26 @@ import time
 from collections import Counter, defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import mmseg_selfattn  # noqa: E402,F401
 
 import cv2  # noqa: E402
-import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 
-from mmseg_selfattn.cli import (UsageError, check_exists, run_main,  # noqa: E402
-                                user_files)
+from mmseg_selfattn.cli import (UsageError, check_exists, check_out_file,  # noqa: E402
+                                check_pretrained, integer, key_value, run_main,
+                                torch_device, user_files)
 from mmseg_selfattn.reference_loop import outlier_choices, reference_loop  # noqa: E402
 from mmseg_selfattn.sliding_window import sliding_windows  # noqa: E402
 from mmseg_selfattn.stages import PIPELINE_STAGES  # noqa: E402
+from mmseg_selfattn.tool_checks import (check_segmentor_config, read_config,  # noqa: E402
+                                        with_cfg_options)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / 'configs/selfattn/selfattn-full_vit-b16_voc21.py'
@@ -94,71 +96,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def integer(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f'{text!r} is not an integer >= {minimum}')
-        return value
-    parse.__name__ = 'integer'
-    return parse
-
-
-def torch_device(text: str) -> str:
-    """--device: cpu, cuda or cuda:N of a GPU that is there."""
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ('cpu', 'cuda'):
-        raise argparse.ArgumentTypeError(f'{text!r} is not a device: use cpu, cuda or cuda:N')
-    count = torch.cuda.device_count() if device.type == 'cuda' else 0
-    if device.type == 'cuda' and not count:
-        raise argparse.ArgumentTypeError(f'{text!r}: no CUDA GPU is visible here; use cpu')
-    if device.type == 'cuda' and (device.index or 0) >= count:
-        raise argparse.ArgumentTypeError(f'{text!r}: this machine has {count} CUDA GPU(s) '
-                                         f'(cuda:0 to cuda:{count - 1})')
-    return text
-
-
-def key_value(text: str) -> str:
-    """One --cfg-options item: KEY=VALUE (mmengine's DictAction fails on anything else
-    with a traceback)."""
-    key, sep, _ = text.partition('=')
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f'{text!r} is not KEY=VALUE, e.g. model.slide_crop=336')
-    return text
-
-
-def check_json_path(option: str, path: Optional[str]) -> None:
-    """An output file: its folder exists and it is not a folder (checked before the run,
-    which it ends)."""
-    if path is None:
-        return
-    if osp.isdir(path):
-        raise UsageError(f'{option} {path}: is a folder; give a file path')
-    folder = osp.dirname(path) or '.'
-    if not osp.isdir(folder):
-        raise UsageError(f'{option} {path}: no such folder {folder}')
-
-
-def check_pretrained(value: str) -> None:
-    """--pretrained: 'none', a checkpoint file or an open_clip tag (of some arch: the
-    model checks that it is one of its arch's when it loads)."""
-    if value.lower() == 'none' or osp.isfile(value):
-        return
-    if osp.exists(value):
-        raise UsageError(f'--pretrained {value}: not a file')
-    tags = {tag.lower().replace('-', '_') for _, tag in open_clip.list_pretrained()}
-    if value.lower().replace('-', '_') not in tags:
-        raise UsageError(f"--pretrained {value}: no such file, and not an open_clip tag; give "
-                         "a checkpoint file, a tag such as openai, or 'none' for random weights")
-
-
 def check_arguments(args: argparse.Namespace) -> None:
     """``UsageError`` for the mistakes that can be seen before the first timing."""
     check_exists('--config', args.config)
@@ -170,7 +107,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f'--latency-images {args.latency_images}: at most --num-images '
                          f'({args.num_images})')
     check_pretrained(args.pretrained)
-    check_json_path('--json', args.json)
+    check_out_file('--json', args.json)
 
 
 class StageTimer:
@@ -205,15 +142,10 @@ def build_model(args, precision: str, stages_on: bool = True):
     for name in PIPELINE_STAGES:
         cfg.model[f'apply_{name}'] &= stages_on and not args.no_stages
     cfg.model.pop('data_preprocessor', None)
-    with user_files(model_source(args)):  # a setting the model refuses
+    with user_files(with_cfg_options(f'the model of --config {args.config}',
+                                     args.cfg_options)):  # a setting the model refuses
         model = MODELS.build(cfg.model)
     return model.to(args.device).eval(), cfg
-
-
-def model_source(args) -> str:
-    """Where a setting the model refuses came from, for its one-line error."""
-    return f'the model of --config {args.config}' + (
-        ' with --cfg-options' if args.cfg_options else '')
 
 
 def image_files(folder: str, count: int) -> List[Path]:
@@ -461,15 +393,8 @@ def scaling(model, cfg, args) -> dict:
 
 
 def model_cfg(args):
-    with user_files(f'--config {args.config}'):
-        cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        with user_files('--cfg-options', (ValueError, KeyError, TypeError)):
-            cfg.merge_from_dict(args.cfg_options)
-    model = cfg.get('model')
-    if not isinstance(model, dict) or not isinstance(model.get('clip'), dict):
-        raise UsageError(f'--config {args.config}: not a segmentor config of this package '
-                         '(it has no model.clip)')
+    cfg = read_config(args.config, args.cfg_options, '--config')
+    check_segmentor_config(cfg, f'--config {args.config}')
     return cfg
 
 

@@ -37,10 +37,11 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir,  # noqa: E402
-                                run_main, user_files)
+                                check_out_file, key_value, run_main, user_files)
 from mmseg_selfattn.hooks import check_not_empty  # noqa: E402
 from mmseg_selfattn.sweep import (check_grid, grid_points, parse_grid,  # noqa: E402
                                   pipeline_overrides)
+from mmseg_selfattn.tool_checks import read_config, with_cfg_options  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -62,24 +63,11 @@ def separate(text: str) -> str:
     return text
 
 
-def key_value(text: str) -> str:
-    """One --cfg-options item: KEY=VALUE (mmengine's DictAction fails on anything else
-    with a traceback)."""
-    key, sep, _ = text.partition('=')
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f'{text!r} is not KEY=VALUE, e.g. model.slide_crop=336')
-    return text
-
-
 def check_arguments(args) -> None:
     """``UsageError`` for the mistakes that can be seen before anything is read."""
     check_exists('CONFIG', args.config)
     check_out_dir('--work-dir', args.work_dir)
-    if args.json is not None:
-        if osp.isdir(args.json):
-            raise UsageError(f'--json {args.json}: is a folder; give a file path')
-        if not osp.isdir(osp.dirname(args.json) or '.'):
-            raise UsageError(f'--json {args.json}: no such folder {osp.dirname(args.json)}')
+    check_out_file('--json', args.json)
 
 
 def check_test_set(cfg: Config, config: str) -> None:
@@ -96,11 +84,7 @@ def check_test_set(cfg: Config, config: str) -> None:
 
 
 def base_config(args) -> Config:
-    with user_files(f'CONFIG {args.config}'):
-        cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        with user_files('--cfg-options', (ValueError, KeyError, TypeError)):
-            cfg.merge_from_dict(args.cfg_options)
+    cfg = read_config(args.config, args.cfg_options)
     if not isinstance(cfg.get('model'), dict):
         raise UsageError(f'CONFIG {args.config}: it has no model')
     cfg.work_dir = args.work_dir
@@ -138,9 +122,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     count = len(points) if args.separate == 'all' else min(int(args.separate), len(points))
     cfg = base_config(args)
     check_test_set(cfg, args.config)
-    source = f'the model of CONFIG {args.config}' + (
-        ' with --cfg-options' if args.cfg_options else '')
-    with user_files(source):  # a setting the model refuses
+    with user_files(with_cfg_options(f'the model of CONFIG {args.config}',
+                                     args.cfg_options)):  # a setting the model refuses
         runner = Runner.from_cfg(cfg)  # one model; each point of a separate run is a variant
     model = runner.model
     with user_files('--grid'):  # a value the model refuses, before the first loop

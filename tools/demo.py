@@ -31,9 +31,8 @@ import os.path as osp
 import re
 import sys
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -43,17 +42,19 @@ import imgviz  # noqa: E402
 import matplotlib  # noqa: E402
 import mmcv  # noqa: E402
 import numpy as np  # noqa: E402
-import open_clip  # noqa: E402
 import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmseg.apis import inference_model, init_model  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mmseg_selfattn.cli import (USER_FILE_ERRORS, UsageError, check_exists,  # noqa: E402
-                                check_out_dir, run_main, user_files)
+                                check_out_dir, check_pretrained, key_value, run_main,
+                                torch_device, user_files)
 from mmseg_selfattn.diagnostics import (RANDOM_WEIGHTS_NOTE, diagnostics_sheet,  # noqa: E402
                                         diagnostics_summary, display_name)
 from mmseg_selfattn.text_classifier import parse_class_names, read_class_file  # noqa: E402
+from mmseg_selfattn.tool_checks import (check_segmentor_config, model_settings,  # noqa: E402
+                                        read_config)
 from mmseg_selfattn.transforms import decode_image_file  # noqa: E402
 
 matplotlib.use('Agg')
@@ -107,32 +108,6 @@ def opacity(text: str) -> float:
     return value
 
 
-def torch_device(text: str) -> str:
-    """--device: cpu, cuda or cuda:N of a GPU that is there."""
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ('cpu', 'cuda'):
-        raise argparse.ArgumentTypeError(f'{text!r} is not a device: use cpu, cuda or cuda:N')
-    count = torch.cuda.device_count() if device.type == 'cuda' else 0
-    if device.type == 'cuda' and not count:
-        raise argparse.ArgumentTypeError(f'{text!r}: no CUDA GPU is visible here; use cpu')
-    if device.type == 'cuda' and (device.index or 0) >= count:
-        raise argparse.ArgumentTypeError(f'{text!r}: this machine has {count} CUDA GPU(s) '
-                                         f'(cuda:0 to cuda:{count - 1})')
-    return text
-
-
-def key_value(text: str) -> str:
-    """One --cfg-options item: KEY=VALUE (mmengine's DictAction fails on anything else
-    with a traceback)."""
-    key, sep, _ = text.partition('=')
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f'{text!r} is not KEY=VALUE, e.g. model.slide_crop=336')
-    return text
-
-
 def resolve(path: str) -> str:
     """A relative path as given, else relative to the repo root."""
     return path if osp.exists(path) or osp.isabs(path) else str(REPO_ROOT / path)
@@ -146,31 +121,13 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_exists('IMAGE', image)
         if osp.getsize(image) == 0:
             raise UsageError(f'IMAGE {image}: not a readable image (0 bytes)')
-    check_out_dir('--out-dir', args.out_dir)
-    parent = Path(args.out_dir).parent  # the folder it is made in
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise UsageError(f'--out-dir {args.out_dir}: {parent} is not a folder')
+    check_out_dir('--out-dir', args.out_dir, parents=True)
     if args.class_file is not None and not osp.isfile(resolve(args.class_file)):
         what = 'not a file' if osp.exists(resolve(args.class_file)) else 'no such file'
         raise UsageError(f'--class-file {args.class_file}: {what}')
     check_pretrained(args.pretrained)
     if args.classes is not None:
         class_lines(args.classes)
-
-
-def check_pretrained(value: Optional[str]) -> None:
-    """--pretrained: 'none', a checkpoint file or an open_clip tag (of some arch: the
-    model checks that it is one of its arch's when it loads)."""
-    if value is None or value.lower() == 'none' or osp.isfile(value):
-        return
-    if osp.exists(value):
-        raise UsageError(f'--pretrained {value}: not a file')
-    tags = {tag.lower().replace('-', '_') for _, tag in open_clip.list_pretrained()}
-    if value.lower().replace('-', '_') not in tags:
-        raise UsageError(f"--pretrained {value}: no such file, and not an open_clip tag; give "
-                         "a checkpoint file, a tag such as openai, or 'none' for random weights")
 
 
 def class_lines(text: str) -> List[str]:
@@ -194,16 +151,9 @@ def class_lines(text: str) -> List[str]:
 
 
 def build_config(args: argparse.Namespace, out_dir: Path) -> Config:
-    with user_files(f'--config {args.config}'):
-        cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        with user_files('--cfg-options', USER_FILE_ERRORS + (TypeError,)):  # a key of
-            cfg.merge_from_dict(args.cfg_options)  # a number given a sub-key: TypeError
-    model = cfg.get('model')
-    if not isinstance(model, dict) or not isinstance(model.get('clip'), dict):
-        example = DEFAULT_CONFIG.relative_to(REPO_ROOT)
-        raise UsageError(f'--config {args.config}: not a segmentor config of this package '
-                         f'(it has no model.clip); give e.g. {example}')
+    cfg = read_config(args.config, args.cfg_options, '--config')
+    check_segmentor_config(cfg, f'--config {args.config}',
+                           str(DEFAULT_CONFIG.relative_to(REPO_ROOT)))
     if args.pretrained is not None:
         none = args.pretrained.lower() == 'none'
         cfg.model.clip.pretrained = None if none else args.pretrained
@@ -235,48 +185,6 @@ def class_names(args: argparse.Namespace, cfg: Config) -> List[str]:
             message = source + str(error)[len(package_name):]
             raise UsageError(' '.join(message.split())) from error
         with user_files(source):
-            raise
-
-
-def setting_source(args: argparse.Namespace, message: str, keyword: str = '') -> str:
-    """The option that set the model setting ``message`` names (or the one whose last key
-    is ``keyword``), else the config."""
-    options = [(f'--arch {args.arch}', 'clip.arch'),
-               (f'--pretrained {args.pretrained}', 'clip.pretrained')]
-    options = [option for option, given in zip(options, (args.arch, args.pretrained))
-               if given is not None]
-    options += [(f'--cfg-options {key}={value}', key.removeprefix('model.'))
-                for key, value in (args.cfg_options or {}).items()]
-    return next((option for option, key in options
-                 if (key.split('.')[-1] == keyword if keyword else key in message)),
-                f'--config {args.config}')
-
-
-def config_keys(cfg) -> set:
-    """Every key of a (nested) config dict."""
-    keys = set()
-    for key, value in cfg.items():
-        keys.add(key)
-        if isinstance(value, dict):
-            keys |= config_keys(value)
-    return keys
-
-
-@contextmanager
-def model_settings(args: argparse.Namespace, cfg: Config) -> Iterator[None]:
-    """Errors of building the model that come from its settings (the package raises
-    ``ValueError`` naming the key; an unknown key is a ``TypeError`` of the constructor)
-    -> ``UsageError`` naming the option or file that set it."""
-    try:
-        yield
-    except TypeError as error:
-        keyword = re.search(r"unexpected keyword argument '(\w+)'", str(error))
-        if keyword is None or keyword.group(1) not in config_keys(cfg.model):
-            raise  # not a key of the user's: a bug
-        source = setting_source(args, str(error), keyword.group(1))
-        raise UsageError(f'{source}: {error}') from error
-    except USER_FILE_ERRORS as error:
-        with user_files(setting_source(args, str(error))):
             raise
 
 

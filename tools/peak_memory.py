@@ -15,7 +15,6 @@ exit code 2 (docs/errors.md).
 """
 import argparse
 import json
-import os.path as osp
 import resource
 import sys
 import time
@@ -31,7 +30,10 @@ from mmengine.registry import init_default_scope  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 
-from mmseg_selfattn.cli import UsageError, check_exists, run_main, user_files  # noqa: E402
+from mmseg_selfattn.cli import (UsageError, check_exists, check_out_file,  # noqa: E402
+                                key_value, positive_int, run_main, torch_device,
+                                user_files)
+from mmseg_selfattn.tool_checks import read_config, with_cfg_options  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / \
     'configs/selfattn/selfattn-full_vit-b16_voc21.py'
@@ -73,42 +75,6 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a positive integer')
-    return value
-
-
-def torch_device(text: str) -> str:
-    """--device: cpu, cuda or cuda:N of a GPU that is there."""
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ('cpu', 'cuda'):
-        raise argparse.ArgumentTypeError(f'{text!r} is not a device: use cpu, cuda or cuda:N')
-    count = torch.cuda.device_count() if device.type == 'cuda' else 0
-    if device.type == 'cuda' and not count:
-        raise argparse.ArgumentTypeError(f'{text!r}: no CUDA GPU is visible here; use cpu')
-    if device.type == 'cuda' and (device.index or 0) >= count:
-        raise argparse.ArgumentTypeError(f'{text!r}: this machine has {count} CUDA GPU(s) '
-                                         f'(cuda:0 to cuda:{count - 1})')
-    return text
-
-
-def key_value(text: str) -> str:
-    """One --cfg-options item: KEY=VALUE (mmengine's DictAction fails on anything else
-    with a traceback)."""
-    key, sep, _ = text.partition('=')
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f'{text!r} is not KEY=VALUE, e.g. model.slide_crop=336')
-    return text
-
-
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--config', default=str(DEFAULT_CONFIG))
@@ -127,20 +93,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     check_exists('--config', args.config)
-    if args.json is not None and (osp.isdir(args.json)
-                                  or not osp.isdir(osp.dirname(args.json) or '.')):
-        raise UsageError(f'--json {args.json}: ' + (
-            'is a folder; give a file path' if osp.isdir(args.json) else
-            f'no such folder {osp.dirname(args.json)}'))
-    with user_files(f'--config {args.config}'):
-        cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        with user_files('--cfg-options', (ValueError, KeyError, TypeError)):
-            cfg.merge_from_dict(args.cfg_options)
+    check_out_file('--json', args.json)
+    cfg = read_config(args.config, args.cfg_options, '--config')
     if not isinstance(cfg.get('model'), dict):
         raise UsageError(f'--config {args.config}: it has no model')
-    source = f'the model of --config {args.config}' + (
-        ' with --cfg-options' if args.cfg_options else '')
+    source = with_cfg_options(f'the model of --config {args.config}', args.cfg_options)
     for precision in args.precision:
         report = measure(cfg, args.size, args.device, precision, source)
         print(json.dumps(report), flush=True)
