@@ -27,7 +27,6 @@ A mistake in the arguments (OUT naming a file, ``--images`` below 1, a negative
 import argparse
 import os.path as osp
 import sys
-import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -35,7 +34,6 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-warnings.filterwarnings('ignore', 'Fail to import ``MultiScaleDeformableAttention``')  # mmcv-lite
 from mmseg_selfattn.cli import check_out_dir, run_main, user_files  # noqa: E402
 
 
