@@ -111,7 +111,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 class StageTimer:
-    """``segmentor.timer``: wall time per stage (synchronising the GPU around each)."""
+    """``segmentor.pipeline.timer``: wall time per stage (synchronising the GPU around each)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -223,12 +223,12 @@ def overhead(model, bare, images, batch_size: int, args) -> float:
 
 def stage_breakdown(model, images, args) -> dict:
     """ms per image in each stage, one image per call."""
-    model.timer = StageTimer(images[0].device)
+    model.pipeline.timer = StageTimer(images[0].device)
     model.predict(*as_batch(images[:1]))  # warm-up: the timed path is eager (not compiled)
-    timer = model.timer = StageTimer(images[0].device)
+    timer = model.pipeline.timer = StageTimer(images[0].device)
     for image in images:
         model.predict(*as_batch([image]))
-    model.timer = None
+    model.pipeline.timer = None
     return {name: 1000 * seconds / len(images) for name, seconds in timer.seconds.items()}
 
 
@@ -244,7 +244,7 @@ def peak_memory_mb(model, images) -> float:
 
 def vit_gmacs_per_crop(model, crop_hw) -> float:
     """Multiply-accumulates of one crop through the ViT (patch embedding + blocks)."""
-    visual = model.encoder.visual
+    visual = model.pipeline.encoder.visual
     width, layers = visual.transformer.width, len(visual.transformer.resblocks)
     patch = visual.patch_size[0]
     tokens = 1 + (crop_hw[0] // patch) * (crop_hw[1] // patch)
@@ -291,12 +291,12 @@ def measure(args, precision: str) -> dict:
         report['reference_ms'] = 1000 * seconds_per_image(reference, few, 1, args)
         report['speedup_latency'] = report['reference_ms'] / report['latency_ms']
         report['speedup_throughput'] = best * report['reference_ms'] / 1000
-        ours = [model.slide_inference(image) for image in few]
-        theirs = [reference.slide_inference(image) for image in few]
+        ours = [model.engine.slide_inference(image) for image in few]
+        theirs = [reference.engine.slide_inference(image) for image in few]
         report['max_abs_logit_diff'] = max((a - b).abs().max().item()
                                            for a, b in zip(ours, theirs))
         report['max_abs_logit'] = max(a.abs().max().item() for a in ours)
-        if model.outlier_suppression is not None:  # discrete choices: a near tie can swap
+        if model.pipeline.outlier_suppression is not None:  # discrete choices: a near tie can swap
             pairs = [(a, b) for image in few for a, b in zip(outlier_choices(model, image),
                                                              outlier_choices(reference, image))]
             report['outliers_differing'] = sum(len(a - b) for a, b in pairs)
@@ -317,7 +317,7 @@ def profile(model, images) -> None:
     from torch.profiler import profile as torch_profile
     batch = as_batch(images)
     cuda = images[0].is_cuda
-    graphs, model.cuda_graph = model.cuda_graph, False
+    graphs, model.engine.cuda_graph = model.engine.cuda_graph, False
     try:
         for _ in range(2):  # warm-up (compiles the eager shapes)
             model.predict(*batch)
@@ -327,7 +327,7 @@ def profile(model, images) -> None:
             model.predict(*batch)
             synchronize(images[0].device)
     finally:
-        model.cuda_graph = graphs
+        model.engine.cuda_graph = graphs
     sort = 'self_cuda_time_total' if cuda else 'self_cpu_time_total'
     print(f'\n# profile of one predict of {len(images)} image(s), eager launches')
     print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=90))

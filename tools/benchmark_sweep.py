@@ -127,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         runner = Runner.from_cfg(cfg)  # one model; each point of a separate run is a variant
     model = runner.model
     with user_files('--grid'):  # a value the model refuses, before the first loop
-        variants = [model.with_pipeline(**pipeline_overrides(model._pipeline_kwargs, point))
+        variants = [model.with_pipeline(**pipeline_overrides(model.pipeline_settings, point))
                     for point in points]
     runner.call_hook('before_run')  # as runner.test() does (log files)
     test_loop = dict(type='TestLoop')

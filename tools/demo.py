@@ -334,7 +334,7 @@ def one_template(model) -> None:
     """Random weights: embed the class names with 'a photo of a {}.' alone instead of the
     80-template ensemble, which means nothing without CLIP's weights and is most of the
     demo's CPU time (ViT-B-16, VOC21: ~75 of ~90 CPU seconds)."""
-    classifier = model.text_classifier
+    classifier = model.pipeline.text_classifier
     templates = [template for template in classifier.templates
                  if template('{}') == 'a photo of a {}.'] or list(classifier.templates[:1])
     if len(classifier.templates) > 1:
@@ -357,10 +357,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if random_weights:
         print('note: random CLIP weights (--pretrained none): the overlay shows the pipeline '
               'running, not a meaningful segmentation.')
-        if model.prob_thd or model.area_thd:
-            print(f'note: random weights: prob_thd={model.prob_thd} and area_thd='
-                  f'{model.area_thd} set to 0, so the overlay shows every pixel\'s argmax.')
-        model.prob_thd = model.area_thd = 0.0
+        if model.engine.prob_thd or model.engine.area_thd:
+            print(f'note: random weights: prob_thd={model.engine.prob_thd} and area_thd='
+                  f'{model.engine.area_thd} set to 0, so the overlay shows every pixel\'s argmax.')
+        model.engine.prob_thd = model.engine.area_thd = 0.0
         one_template(model)
 
     image_paths = args.images or [default_image(out_dir)]
@@ -396,8 +396,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             json_file = out_dir / f'{stem}.json'
             record = dict(image=str(image_path), config=str(args.config),
                           pretrained=cfg.model.clip.pretrained, random_weights=random_weights,
-                          prob_thd=model.prob_thd, area_thd=model.area_thd,
-                          prompt_templates=len(model.text_classifier.templates),
+                          prob_thd=model.engine.prob_thd, area_thd=model.engine.area_thd,
+                          prompt_templates=len(model.pipeline.text_classifier.templates),
                           **diagnostics_summary(stage_maps))
             json_file.write_text(json.dumps(record, indent=2) + '\n', encoding='utf-8')
             print(f'saved {json_file}')
