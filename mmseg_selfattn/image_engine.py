@@ -80,22 +80,6 @@ class ImageEngine:
         self.postprocess_settings = dict(settings or {})
         self.serial = next(_SERIALS)  # identifies these settings' CUDA graphs
 
-    @staticmethod
-    def check_postprocess(num_classes: int, logit_scale=40.0, prob_thd=0.0, area_thd=0.0,
-                          bg_idx=0, pamr_steps=0, pamr_stride=(8, 16),
-                          pamr_dilations=None) -> dict:
-        """The post-processing keys, validated, as ``ImageEngine(**postprocess)`` takes them
-        (PAMR built), with the keys as given under ``settings``."""
-        settings = dict(logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd,
-                        bg_idx=bg_idx, pamr_steps=pamr_steps, pamr_stride=pamr_stride,
-                        pamr_dilations=pamr_dilations)
-        return dict(logit_scale=check_number('logit_scale', logit_scale, 0, low_open=True),
-                    prob_thd=check_number('prob_thd', prob_thd, 0, 1),
-                    area_thd=check_number('area_thd', area_thd, 0, 1),
-                    bg_idx=check_bg_idx(bg_idx, num_classes, prob_thd or area_thd),
-                    pamr=build_pamr(pamr_steps, pamr_stride, pamr_dilations),
-                    settings=settings)
-
     def with_settings(self, pipeline: CropPipeline, **postprocess) -> 'ImageEngine':
         """An engine running ``pipeline`` with the windows, bounds and graph cache of this
         one (graph keys carry both serials) and ``postprocess`` (``check_postprocess``)."""
@@ -344,6 +328,22 @@ class ImageEngine:
         if rows >= height:
             return [slice(None)]
         return [slice(start, min(start + rows, height)) for start in range(0, height, rows)]
+
+
+def check_postprocess(num_classes: int, logit_scale=40.0, prob_thd=0.0, area_thd=0.0,
+                      bg_idx=0, pamr_steps=0, pamr_stride=(8, 16),
+                      pamr_dilations=None) -> dict:
+    """The post-processing keys, validated, as ``ImageEngine(**postprocess)`` takes them
+    (PAMR built), with the keys as given under ``settings``."""
+    settings = dict(logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd,
+                    bg_idx=bg_idx, pamr_steps=pamr_steps, pamr_stride=pamr_stride,
+                    pamr_dilations=pamr_dilations)
+    return dict(logit_scale=check_number('logit_scale', logit_scale, 0, low_open=True),
+                prob_thd=check_number('prob_thd', prob_thd, 0, 1),
+                area_thd=check_number('area_thd', area_thd, 0, 1),
+                bg_idx=check_bg_idx(bg_idx, num_classes, prob_thd or area_thd),
+                pamr=build_pamr(pamr_steps, pamr_stride, pamr_dilations),
+                settings=settings)
 
 
 def _merge_masked(merge: WindowMerge, patch_logits: Tensor) -> Tensor:

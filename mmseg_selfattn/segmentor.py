@@ -16,7 +16,7 @@ from .config_checks import check_choice, check_number
 from .crop_pipeline import PIPELINE_KEYS as CROP_PIPELINE_KEYS
 from .crop_pipeline import CropPipeline
 from .explain import ImageInput, StageMaps, explain
-from .image_engine import POSTPROCESS_KEYS, ImageEngine
+from .image_engine import POSTPROCESS_KEYS, ImageEngine, check_postprocess
 from .non_finite import raise_if_not_finite
 from .sliding_window import pad_to_patch_multiple
 from .stages import PIPELINE_STAGES
@@ -170,7 +170,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
     def _postprocess(self, settings: dict) -> dict:
         """The validated post-processing settings, after the start-up lines of the parts
         outside stages 2-6 (the stages log theirs when the pipeline builds them)."""
-        post = ImageEngine.check_postprocess(len(self.class_names), **{
+        post = check_postprocess(len(self.class_names), **{
             key: settings[key] for key in POSTPROCESS_KEYS})
         precision = {dtype: key for key, dtype in VIT_DTYPES.items()}[self.vit_dtype]
         log_model_settings(self._clip_cfg, settings['attention'], self._window, precision,
