@@ -31,6 +31,29 @@ class TestSetCheckHook(Hook):
             check_class_count(class_names, dataset)
 
 
+@HOOKS.register_module()
+class ReleaseLoaderWorkersHook(Hook):
+    """Shuts the test loader's worker processes down as soon as the test ends.
+
+    With ``persistent_workers=True`` they otherwise live until the interpreter exits,
+    where each was measured to take 5 s (torch's worker status-check interval) to go:
+    an H200 run with 12 workers ended 62 s after printing its metrics, 12 s with 2.
+    """
+    priority = 'LOWEST'
+
+    def after_test(self, runner) -> None:
+        release_loader_workers(runner.test_loop.dataloader)
+
+
+def release_loader_workers(loader) -> None:
+    """Ends a DataLoader's persistent workers now (a no-op without any); the next
+    iteration starts new ones."""
+    iterator = getattr(loader, '_iterator', None)
+    if iterator is not None and hasattr(iterator, '_shutdown_workers'):
+        iterator._shutdown_workers()
+        loader._iterator = None
+
+
 def check_not_empty(dataset: BaseDataset) -> None:
     if len(dataset) > 0:
         return

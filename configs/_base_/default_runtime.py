@@ -18,7 +18,9 @@ default_hooks = dict(
 
 # fails before the first image on an empty test set or a class count that differs
 # between model and dataset
-custom_hooks = [dict(type='TestSetCheckHook')]  # mmseg_selfattn/hooks.py
+# ReleaseLoaderWorkersHook: persistent workers end with the test, not at exit (no stall)
+custom_hooks = [dict(type='TestSetCheckHook'),
+                dict(type='ReleaseLoaderWorkersHook')]  # mmseg_selfattn/hooks.py
 
 vis_backends = [dict(type='LocalVisBackend')]
 visualizer = dict(
