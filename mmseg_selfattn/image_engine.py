@@ -74,10 +74,9 @@ class ImageEngine:
 
     def _set_postprocess(self, logit_scale: float = 40.0, prob_thd: float = 0.0,
                          area_thd: float = 0.0, bg_idx: Optional[int] = 0,
-                         pamr: Optional[PAMR] = None, settings: Optional[dict] = None) -> None:
+                         pamr: Optional[PAMR] = None) -> None:
         self.logit_scale, self.prob_thd, self.area_thd = logit_scale, prob_thd, area_thd
         self.bg_idx, self.pamr = bg_idx, pamr
-        self.postprocess_settings = dict(settings or {})
         self.serial = next(_SERIALS)  # identifies these settings' CUDA graphs
 
     def with_settings(self, pipeline: CropPipeline, **postprocess) -> 'ImageEngine':
@@ -334,16 +333,12 @@ def check_postprocess(num_classes: int, logit_scale=40.0, prob_thd=0.0, area_thd
                       bg_idx=0, pamr_steps=0, pamr_stride=(8, 16),
                       pamr_dilations=None) -> dict:
     """The post-processing keys, validated, as ``ImageEngine(**postprocess)`` takes them
-    (PAMR built), with the keys as given under ``settings``."""
-    settings = dict(logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd,
-                    bg_idx=bg_idx, pamr_steps=pamr_steps, pamr_stride=pamr_stride,
-                    pamr_dilations=pamr_dilations)
+    (PAMR built)."""
     return dict(logit_scale=check_number('logit_scale', logit_scale, 0, low_open=True),
                 prob_thd=check_number('prob_thd', prob_thd, 0, 1),
                 area_thd=check_number('area_thd', area_thd, 0, 1),
                 bg_idx=check_bg_idx(bg_idx, num_classes, prob_thd or area_thd),
-                pamr=build_pamr(pamr_steps, pamr_stride, pamr_dilations),
-                settings=settings)
+                pamr=build_pamr(pamr_steps, pamr_stride, pamr_dilations))
 
 
 def _merge_masked(merge: WindowMerge, patch_logits: Tensor) -> Tensor:
