@@ -3,7 +3,8 @@
 A class line holds synonyms separated by ',' or ';'; every synonym is one query.
 Each query is embedded with the 80 ImageNet templates: every prompt embedding
 L2-normalised, averaged, re-normalised. Results are cached per class list and
-device, so a dataset's queries are embedded once.
+device in memory, and on disk (``text_cache``), so a dataset's queries are embedded
+once, not once per run.
 """
 import logging
 import os
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
+
+from . import text_cache
 
 ClassNames = Tuple[Tuple[str, ...], ...]  # one tuple of synonyms per class
 
@@ -159,6 +162,7 @@ class TextClassifier(nn.Module):
             self.register_buffer('attn_mask', clip_model.attn_mask, persistent=False)
             self.text_pool_type = clip_model.text_pool_type
         self._cache: Dict[Tuple[ClassNames, str], torch.Tensor] = {}
+        self._weights_digest: Optional[str] = None  # of the text tower, for the disk cache
 
     @torch.no_grad()
     def query_embeddings(self, class_names: ClassNames) -> torch.Tensor:
@@ -167,14 +171,27 @@ class TextClassifier(nn.Module):
         key = (class_names, str(device))
         if key not in self._cache:
             queries = [name for synonyms in class_names for name in synonyms]
-            prompts = [template(name) for name in queries for template in self.templates]
-            tokens = self.tokenizer(prompts).to(device)
-            embeddings = torch.cat([self.encode_text(chunk)
-                                    for chunk in tokens.split(self.batch_size)])
-            embeddings = F.normalize(embeddings.float(), dim=-1)
-            embeddings = embeddings.view(len(queries), len(self.templates), -1).mean(dim=1)
-            self._cache[key] = F.normalize(embeddings, dim=-1)
+            if self._weights_digest is None:
+                self._weights_digest = text_cache.weights_digest(self)
+            entry = text_cache.entry_name(self._weights_digest, class_names,
+                                          [template('{}') for template in self.templates],
+                                          device)
+            embeddings = text_cache.load(entry, (len(queries), ))
+            if embeddings is None:
+                embeddings = self._embed(queries, device)
+                text_cache.save(entry, embeddings)
+            self._cache[key] = embeddings.to(device)
         return self._cache[key]
+
+    def _embed(self, queries: Sequence[str], device: torch.device) -> torch.Tensor:
+        """(Q, D) prompt-ensemble embeddings through the text tower."""
+        prompts = [template(name) for name in queries for template in self.templates]
+        tokens = self.tokenizer(prompts).to(device)
+        embeddings = torch.cat([self.encode_text(chunk)
+                                for chunk in tokens.split(self.batch_size)])
+        embeddings = F.normalize(embeddings.float(), dim=-1)
+        embeddings = embeddings.view(len(queries), len(self.templates), -1).mean(dim=1)
+        return F.normalize(embeddings, dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """CLIP's ``encode_text``; for causal argmax-pooled towers the padding past the

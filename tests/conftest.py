@@ -9,6 +9,8 @@ import torch
 from mmengine.logging import MMLogger
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# no on-disk text-embedding cache in tests (tests/test_text_cache.py turns it on itself)
+os.environ['MMSEG_SELFATTN_CACHE'] = 'off'
 sys.path.insert(0, str(REPO_ROOT))
 
 import mmseg_selfattn  # noqa: E402,F401  (installs the mmcv.ops stand-in first)
