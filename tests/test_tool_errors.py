@@ -76,6 +76,19 @@ def usage_error(tool, argv, capsys, prog='tool.py'):
     return lines[0]
 
 
+def runner_tool_error(tool, prog, argv, expected, files, tmp_path, capsys, monkeypatch):
+    """``usage_error`` of a tool that starts a Runner, outside torchrun, with a work dir
+    in ``tmp_path``; each of ``expected`` is in the line."""
+    for name in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(name, raising=False)
+    argv = expand(argv, files)
+    if '--work-dir' not in argv:
+        argv += ['--work-dir', str(tmp_path / 'work')]
+    line = usage_error(tool, argv, capsys, prog)
+    for text in expand(expected, files):
+        assert text in line
+
+
 def argparse_error(tool, argv, capsys):
     """argparse's own errors: exit status 2, usage and one error line."""
     with pytest.raises(SystemExit) as raised:
@@ -116,18 +129,12 @@ VOC_DATA = ['--cfg-options', *FAST, 'test_dataloader.dataset.data_root={voc}']
     ([VOC, *VOC_DATA, 'test_dataloader.dataset.ann_file={root}/empty_split.txt'],
      ['the test dataset PascalVOCDataset is empty', 'empty_split.txt']),
 ], ids=['config', 'checkpoint', 'work-dir', 'show-dir', 'out', 'folder', 'not-python',
-        'syntax', 'name-error', 'no-test-set', 'show-without-hook', 'cfg-options-index', 'launcher', 'data-root', 'refused-value',
-        'unknown-key', 'class-count', 'empty-split'])
+        'syntax', 'name-error', 'no-test-set', 'show-without-hook', 'cfg-options-index',
+        'launcher', 'data-root', 'refused-value', 'unknown-key', 'class-count', 'empty-split'])
 def test_test_py(argv, expected, files, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv('DISPLAY', ':0')  # --show needs one
-    for name in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
-        monkeypatch.delenv(name, raising=False)
-    argv = expand(argv, files)
-    if '--work-dir' not in argv:
-        argv += ['--work-dir', str(tmp_path / 'work')]
-    line = usage_error(test_tool, argv, capsys, 'test.py')
-    for text in expand(expected, files):
-        assert text in line
+    runner_tool_error(test_tool, 'test.py', argv, expected, files, tmp_path, capsys,
+                      monkeypatch)
 
 
 @pytest.mark.parametrize('argv, expected', [
@@ -250,14 +257,8 @@ def test_sweep_state_that_cannot_be_read_starts_over(tmp_path, log_records):
     (['--method', 'naclip', '--launcher', 'pytorch'], ['--launcher pytorch: RANK']),
 ], ids=['config', 'same-stem', 'work-dir', 'data-root', 'data-root-file', 'launcher'])
 def test_eval_all_py(argv, expected, files, tmp_path, capsys, monkeypatch):
-    for name in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
-        monkeypatch.delenv(name, raising=False)
-    argv = expand(argv, files)
-    if '--work-dir' not in argv:
-        argv += ['--work-dir', str(tmp_path / 'work')]
-    line = usage_error(eval_all, argv, capsys, 'eval_all.py')
-    for text in expand(expected, files):
-        assert text in line
+    runner_tool_error(eval_all, 'eval_all.py', argv, expected, files, tmp_path, capsys,
+                      monkeypatch)
     assert not (tmp_path / 'work' / 'voc21').exists()  # nothing ran
 
 
