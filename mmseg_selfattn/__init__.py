@@ -8,8 +8,9 @@ from .data_preprocessor import SizeAgnosticSegDataPreProcessor  # noqa: E402
 from .datasets import (CamVidDataset, COCOObjectDataset, PascalContext59Dataset,  # noqa: E402
                        PascalContext60Dataset, PascalVOC20Dataset)
 from .encoder import DenseCLIPEncoder, EncodedCrops  # noqa: E402
-from .hooks import ReleaseLoaderWorkersHook, TestSetCheckHook  # noqa: E402
+from .hooks import ReleaseLoaderWorkersHook, TestSetCheckHook, TestTimelineHook  # noqa: E402
 from .inference_wrapper import InferenceOnlyWrapper  # noqa: E402
+from .machine import MachineAwareTestLoop  # noqa: E402
 from .metrics import CheckedIoUMetric  # noqa: E402
 from .progress import ProgressBarHook  # noqa: E402
 from .segmentor import SelfAttnCLIPSegmentor  # noqa: E402
@@ -23,6 +24,6 @@ __version__ = '0.1.0'
 __all__ = ['load_clip', 'CamVidDataset', 'COCOObjectDataset', 'PascalContext59Dataset',
            'PascalContext60Dataset', 'PascalVOC20Dataset', 'DenseCLIPEncoder', 'EncodedCrops',
            'SelfAttnCLIPSegmentor', 'SizeAgnosticSegDataPreProcessor', 'TextClassifier',
-           'InferenceOnlyWrapper', 'TestSetCheckHook', 'ReleaseLoaderWorkersHook', 'CheckedIoUMetric',
-           'LoadCheckedImageFromFile', 'AtLeastOnePixelResize', 'LoadCheckedAnnotations',
+           'InferenceOnlyWrapper', 'MachineAwareTestLoop', 'TestSetCheckHook', 'ReleaseLoaderWorkersHook',
+           'TestTimelineHook', 'CheckedIoUMetric', 'LoadCheckedImageFromFile', 'AtLeastOnePixelResize', 'LoadCheckedAnnotations',
            'ProgressBarHook', 'SideBySideVisualizationHook', 'SweepLoop']

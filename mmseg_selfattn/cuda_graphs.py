@@ -8,6 +8,7 @@ syncs and host-to-device copies once warm (the segmentor's pipeline is:
 cached text embeddings, window matrices and neighbour tables; DBSCAN without a
 convergence test on the GPU).
 """
+from collections import Counter
 from typing import Callable, Dict, Hashable, List, Sequence, Tuple
 
 import torch
@@ -33,13 +34,18 @@ class CUDAGraphCache:
         max_graphs: at most this many graphs are kept; ``accepts`` is False for new keys
             beyond it (the caller runs those eagerly), bounding memory when input
             sizes keep changing.
+        capture_after: ``repeats`` is True from this sighting of a key on: a capture
+            costs about three eager calls, so a shape seen once (the long tail of a
+            dataset's image sizes) is cheaper run eagerly.
     """
 
-    def __init__(self, warmup: int = 2, max_graphs: int = 32):
+    def __init__(self, warmup: int = 2, max_graphs: int = 32, capture_after: int = 2):
         self.warmup = warmup
         self.max_graphs = max_graphs
+        self.capture_after = capture_after
         self._graphs: Dict[Hashable, Tuple[torch.cuda.CUDAGraph, Tuple[Tensor, ...],
                                            Tuple[Tensor, ...]]] = {}
+        self._sightings: Counter = Counter()
         self._pool = None
 
     def __call__(self, key: Hashable, function: Callable[..., Tuple[Tensor, ...]],
@@ -57,6 +63,14 @@ class CUDAGraphCache:
     def accepts(self, key: Hashable) -> bool:
         """Whether ``key`` has a graph or may still get one."""
         return key in self._graphs or len(self._graphs) < self.max_graphs
+
+    def repeats(self, key: Hashable) -> bool:
+        """Counts a sighting of ``key``; whether it has a graph or gets one now (seen
+        ``capture_after`` times, fewer than ``max_graphs`` graphs kept)."""
+        if key in self._graphs:
+            return True
+        self._sightings[key] += 1
+        return self._sightings[key] >= self.capture_after and self.accepts(key)
 
     def __len__(self) -> int:
         return len(self._graphs)

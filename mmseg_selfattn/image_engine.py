@@ -1,15 +1,20 @@
 """How images are run (SPEC §2): images of any sizes -> class probabilities, labels and
 finiteness flags, through a ``CropPipeline`` (it knows no stage)::
 
+    segment_groups()          a batch: with cuda_graph, the crops of all its groups by crop
+                              shape through CUDA graphs of the pipeline, then each group's
+                              merge and post-processing (graphed once its shape repeats)
     image_groups()            equally sized images, as many as fit the bounds
-    segment_group()           one CUDA graph per group shape with cuda_graph=True
+    segment_group()           one group; one CUDA graph per group shape with cuda_graph=True
         segment_images()
             window_patch_logits()   crop_batches() -> pipeline.stage_patch_logits()
+            predictions_from_patch_logits()
             WindowMerge             upsample each crop, overlap-average, resize (bands of
                                     rows for huge outputs; the GPU kernel merges rows itself)
+            PAMR (pamr_steps > 0)   on the merged full-resolution logits, batched
             pixel predictions       softmax(logit_scale * logits), max over synonyms
             final_predictions       area_thd (SCLIP's rule), prob_thd -> bg_idx
-        multi-scale (test_scales) and PAMR: full-resolution logits, then post-processing
+        multi-scale (test_scales): full-resolution logits averaged, then as above
 """
 import itertools
 from collections import defaultdict
@@ -44,7 +49,9 @@ class ImageEngine:
         max_crops_per_forward: crops (of all images of a batch) per pipeline call.
         max_merge_elements: bound of the query logits merged at once (see the segmentor).
         test_scales: multi-scale inference, (1.0, ) = off.
-        cuda_graph: replay one CUDA graph per group shape (GPU; not with PAMR or timers).
+        cuda_graph: replay CUDA graphs (GPU; not with stage timers): of the pipeline per
+            crop-batch shape, of the merge and post-processing (PAMR included) per group
+            shape, each captured once its shape has been seen twice.
         logit_scale / prob_thd / area_thd / bg_idx / pamr_*: post-processing, checked by
             ``check_postprocess``.
     """
@@ -70,7 +77,8 @@ class ImageEngine:
         self.cuda_graph = cuda_graph
         self._set_postprocess(**postprocess)
         self._window_merges: Dict[tuple, WindowMerge] = {}
-        self._graphs = CUDAGraphCache()
+        self._graphs = CUDAGraphCache(max_graphs=64)  # groups: whole, or merge + post
+        self._crop_graphs = CUDAGraphCache(max_graphs=64)  # the pipeline per crop shape
 
     def _set_postprocess(self, logit_scale: float = 40.0, prob_thd: float = 0.0,
                          area_thd: float = 0.0, bg_idx: Optional[int] = 0,
@@ -185,13 +193,10 @@ class ImageEngine:
         ``encode_crops`` outputs when ``encoded`` is given (tools/sweep.py)."""
         if self.test_scales != (1.0, ) and encoded is None:
             return self._segment_multiscale(images, merge.output_size)
-        if self.pamr is not None:
-            return self._segment_with_pamr(images, merge, encoded)
         pipeline = self.pipeline
         key = (pipeline.serial, self.serial, tuple(images.shape), images.dtype,
                str(images.device), merge.output_size)
-        if not (self.cuda_graph and images.is_cuda and pipeline.timer is None
-                and pipeline.recorder is None):
+        if not self._graphs_apply(images):
             return self.segment_images(images, merge, encoded)
         if encoded is None:
             if self._graphs.accepts(key):
@@ -239,32 +244,99 @@ class ImageEngine:
         probs, labels = self.segment_logits(logits)
         return probs, labels, finite_per_image(probs)
 
-    def _segment_with_pamr(self, images: Tensor, merge: WindowMerge,
-                           encoded: Optional[Sequence[EncodedCrops]] = None
-                           ) -> Tuple[Tensor, Tensor, Tensor]:
-        """Merged query logits refined by PAMR, then post-processing."""
-        probs, labels = self.segment_logits(
-            self.pamr_refined(images, self.merged_logits(images, merge, encoded)))
-        return probs, labels, finite_per_image(probs)
-
     def pamr_refined(self, images: Tensor, logits: Tensor) -> Tensor:
-        """PAMR refines each image's query logits (n, Q, H', W') with its pixels, resized
-        to the logits' size."""
+        """PAMR refines the query logits (n, Q, H', W') of equally sized images with their
+        pixels, resized to the logits' size; all images at once (PAMR is per image)."""
         resized = F.interpolate(images, size=logits.shape[-2:], mode='bilinear')
-        return torch.cat([self.pamr(image[None], image_logits[None].to(image.dtype))
-                          for image, image_logits in zip(resized, logits)])
+        return self.pamr(resized, logits.to(resized.dtype))
+
+    # -- batches through CUDA graphs ---------------------------------------------------------
+    def segment_groups(self, images: Sequence[Tensor],
+                       output_sizes: Optional[Sequence[Tuple[int, int]]] = None):
+        """Yields (indices, (probs, labels, finite)) of ``image_groups``, as
+        ``segment_group`` gives them.
+
+        With ``cuda_graph`` on a GPU, the crops of every group of the batch that fits one
+        pipeline call go through the pipeline together, by crop shape (windows of any
+        image size share one; whole images share their patch grid's), in chunks of
+        ``max_crops_per_forward`` and a power-of-two split of the rest, so that few
+        shapes recur and each replays its graph. Each group's merge and post-processing
+        (PAMR included) then replays a graph per group shape. The pipeline is per crop,
+        so this is the computation of ``segment_group``."""
+        groups = list(self.image_groups(images, output_sizes))
+        if not (groups and self._graphs_apply(groups[0][1]) and self.test_scales == (1.0, )):
+            for indices, batch, merge in groups:
+                yield indices, self.segment_group(batch, merge)
+            return
+        pooled = [len(batch) * merge.num_windows <= self.max_crops_per_forward
+                  for _, batch, merge in groups]
+        patch_logits = self._pooled_patch_logits(
+            [(batch, merge) for (_, batch, merge), ok in zip(groups, pooled) if ok])
+        for (indices, batch, merge), ok in zip(groups, pooled):
+            if not ok:  # an image with more windows than one call: chunked as usual
+                yield indices, self.segment_group(batch, merge)
+                continue
+            logits = patch_logits.pop(0)
+            key = ('group', self.pipeline.serial, self.serial, tuple(batch.shape),
+                   batch.dtype, str(batch.device), merge.output_size)
+            if self._graphs.repeats(key):
+                yield indices, self._graphs(key, self.predictions_from_patch_logits,
+                                            (batch, logits), merge)
+            else:
+                yield indices, self.predictions_from_patch_logits(batch, logits, merge)
+
+    def _pooled_patch_logits(self, groups: Sequence[Tuple[Tensor, WindowMerge]]
+                             ) -> List[Tensor]:
+        """Patch logits of each group's windows (as ``window_patch_logits``), from pipeline
+        calls on the crops of all groups pooled by crop shape."""
+        by_shape = defaultdict(list)  # crop shape -> [(group, its crops)]
+        for index, (batch, merge) in enumerate(groups):
+            by_shape[merge.cut_size].append((index, merge.cut(batch)))
+        per_group: List[List[Tensor]] = [[] for _ in groups]
+        for parts in by_shape.values():
+            crops = parts[0][1] if len(parts) == 1 else torch.cat([c for _, c in parts])
+            logits = torch.cat([self._graphed_crop_logits(crops[chunk])
+                                for chunk in _chunks(len(crops), self.max_crops_per_forward)])
+            for (index, part), part_logits in zip(parts, logits.split([len(c) for _, c in parts])):
+                per_group[index].append(part_logits)
+        return [logits[0] for logits in per_group]
+
+    def _graphed_crop_logits(self, crops: Tensor) -> Tensor:
+        pipeline = self.pipeline
+        key = ('crops', pipeline.serial, tuple(crops.shape), crops.dtype, str(crops.device))
+        if not self._crop_graphs.repeats(key):
+            return pipeline.crop_patch_logits(crops)
+        return self._crop_graphs(key, lambda batch: (pipeline.crop_patch_logits(batch), ),
+                                 (crops, ))[0]
+
+    def _graphs_apply(self, images: Tensor) -> bool:
+        pipeline = self.pipeline
+        return (self.cuda_graph and images.is_cuda and pipeline.timer is None
+                and pipeline.recorder is None and pipeline.stage_check is None)
 
     def segment_images(self, images: Tensor, merge: WindowMerge,
                        encoded: Optional[Sequence[EncodedCrops]] = None
                        ) -> Tuple[Tensor, Tensor, Tensor]:
         """Class probabilities (n, C, H', W'), labels (n, H', W') and whether each image's
         probabilities are finite (n,) of equally sized images: the unit that
-        ``cuda_graph`` captures.
+        ``segment_group`` captures."""
+        return self.predictions_from_patch_logits(
+            images, self.window_patch_logits(images, merge, encoded), merge)
 
-        Outputs bigger than ``max_merge_elements`` query logits are merged and
-        post-processed in bands of rows into the returned tensors, so memory grows with
-        what is returned, not with the number of queries."""
-        patch_logits = self.window_patch_logits(images, merge, encoded)
+    def predictions_from_patch_logits(self, images: Tensor, patch_logits: Tensor,
+                                      merge: WindowMerge) -> Tuple[Tensor, Tensor, Tensor]:
+        """``segment_images`` from the windows' patch logits: merge, PAMR, post-processing.
+
+        Without PAMR, outputs bigger than ``max_merge_elements`` query logits are merged
+        and post-processed in bands of rows into the returned tensors, so memory grows
+        with what is returned, not with the number of queries."""
+        # the merge zeroes a bad window's logits (they cannot spread): flag them here
+        windows_finite = torch.isfinite(patch_logits).flatten(1).all(dim=1).view(
+            len(images), -1).all(dim=1)
+        if self.pamr is not None:
+            probs, labels = self.segment_logits(
+                self.pamr_refined(images, _merge_masked(merge, patch_logits)))
+            return probs, labels, windows_finite & finite_per_image(probs)
         queries, (height, width) = patch_logits.shape[1], merge.output_size
         logits_per_row = -(-len(images) * queries * width * self._merged_rows(merge, images)
                            // height)
@@ -285,10 +357,7 @@ class ImageEngine:
                     confidence[:, rows] = band_confidence
         probs, labels = final_predictions(probs, labels, confidence, self.prob_thd,
                                           self.area_thd, self.bg_idx)
-        # the merge zeroes a bad window's logits (they cannot spread): flag them here
-        windows_finite = torch.isfinite(patch_logits).flatten(1).all(dim=1)
-        finite = windows_finite.view(len(images), -1).all(dim=1) & finite_per_image(probs)
-        return probs, labels, finite
+        return probs, labels, windows_finite & finite_per_image(probs)
 
     def segment_logits(self, query_logits: Tensor) -> Tuple[Tensor, Tensor]:
         """Query logits (n, Q, H, W) -> class probabilities (n, C, H, W): softmax over all
@@ -339,6 +408,19 @@ def check_postprocess(num_classes: int, logit_scale=40.0, prob_thd=0.0, area_thd
                 area_thd=check_number('area_thd', area_thd, 0, 1),
                 bg_idx=check_bg_idx(bg_idx, num_classes, prob_thd or area_thd),
                 pamr=build_pamr(pamr_steps, pamr_stride, pamr_dilations))
+
+
+def _chunks(total: int, size: int) -> List[slice]:
+    """[0, total) in slices of ``size``, the rest in descending powers of two: the shapes
+    of pipeline calls, few and recurring."""
+    full = total - total % size
+    slices = [slice(start, start + size) for start in range(0, full, size)]
+    start = full
+    for bit in reversed(range((total - full).bit_length())):
+        if (total - full) >> bit & 1:
+            slices.append(slice(start, start + (1 << bit)))
+            start += 1 << bit
+    return slices
 
 
 def _merge_masked(merge: WindowMerge, patch_logits: Tensor) -> Tensor:

@@ -134,11 +134,14 @@ class PublishedImageEngine(ImageEngine):
 
     def segment_images(self, images: Tensor, merge: WindowMerge,
                        encoded: Optional[Sequence[EncodedCrops]] = None):
-        """Probabilities, labels and finite flags on the published merge."""
+        """Probabilities, labels and finite flags on the published merge (then PAMR)."""
         if encoded is not None:
             raise NotImplementedError('the reference loop encodes its crops itself, one at a '
                                       'time')
-        probs, labels = self.segment_logits(self.merged_logits(images, merge))
+        logits = self.merged_logits(images, merge)
+        if self.pamr is not None:
+            logits = self.pamr_refined(images, logits)
+        probs, labels = self.segment_logits(logits)
         return probs, labels, finite_per_image(probs)
 
 

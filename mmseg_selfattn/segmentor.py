@@ -17,6 +17,7 @@ from .crop_pipeline import PIPELINE_KEYS as CROP_PIPELINE_KEYS
 from .crop_pipeline import CropPipeline
 from .explain import ImageInput, StageMaps, explain
 from .image_engine import POSTPROCESS_KEYS, ImageEngine, check_postprocess
+from .machine import AUTO, resolve_precision
 from .non_finite import raise_if_not_finite
 from .sliding_window import pad_to_patch_multiple
 from .stages import PIPELINE_STAGES
@@ -36,8 +37,9 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
     Call graph (SPEC §1-2) across the files::
 
         predict()                                       segmentor.py
-            engine.image_groups(): images of one size  image_engine.py
-            engine.segment_group(): one CUDA graph per group shape (cuda_graph=True)
+            engine.segment_groups(): groups of images of one size   image_engine.py
+                (cuda_graph=True: the crops of all groups by crop shape through CUDA
+                graphs of the pipeline, then a graph per group shape for the rest)
                 engine.window_patch_logits(): max_crops_per_forward crops per call
                     pipeline.crop_patch_logits()       crop_pipeline.py
                         1 encoder.encode()             encoder.py: A, q/k/v, x_cls
@@ -63,9 +65,10 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         max_crops_per_forward / max_merge_elements: crops per ViT call; query logits
             merged at once (bigger outputs go in bands of rows; 'auto', None = no bound).
         test_scales: multi-scale inference (the seed's extension), (1.0, ) = off.
-        precision: the ViT's 'fp32', 'fp16' or 'bf16' (stages 2-6 always run in fp32).
-        compile / cuda_graph: ``torch.compile`` blocks 1..L-1 and stages 2-7; replay one
-            CUDA graph per group shape (GPU; not with PAMR or stage timers).
+        precision: the ViT's 'fp32', 'fp16' or 'bf16' (stages 2-6 always run in fp32), or
+            'auto': fp16 where CUDA is available, else fp32 (``machine.py``).
+        compile / cuda_graph: ``torch.compile`` blocks 1..L-1 and stages 2-7; replay CUDA
+            graphs of shapes that recur (GPU; not with stage timers).
         logit_scale: temperature of the softmax over queries.
         prob_thd / area_thd / bg_idx: pixels whose best query probability is below
             ``prob_thd`` go to ``bg_idx``; SCLIP's small-class rule (``area_thd`` of the
@@ -88,7 +91,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                  max_crops_per_forward: int = 64,
                  max_merge_elements: Union[int, str, None] = 'auto',
                  test_scales: Sequence[float] = (1.0, ),
-                 precision: str = 'fp32',
+                 precision: str = 'fp32',  # the configs: 'auto'
                  compile: bool = False,
                  cuda_graph: bool = False,
                  logit_scale: float = 40.0,
@@ -120,7 +123,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
             raise ValueError(f'pretrained={pretrained!r}: CLIP weights are chosen by '
                              "clip=dict(pretrained=...), e.g. clip.pretrained='openai'.")
         self.class_names = read_classes(name_path, class_names)
-        self.vit_dtype = VIT_DTYPES[check_choice('precision', precision, list(VIT_DTYPES))]
+        self.vit_dtype = VIT_DTYPES[resolve_precision(
+            check_choice('precision', precision, [*VIT_DTYPES, AUTO]))]
         if clip is not None and not isinstance(clip, dict):
             raise ValueError("clip must be a dict, e.g. clip=dict(arch='ViT-B-16', "
                              f"pretrained='openai'), got {clip!r}.")
@@ -187,10 +191,9 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         finite (non-finite input pixels, or the first stage that produced NaN / inf)."""
         data_samples, images, metas = self.unpad_batch(inputs, data_samples)
         finite = []  # (image indices, (n,) bool), read once after the whole batch
-        for indices, batch, merge in self.engine.image_groups(
+        for indices, outputs in self.engine.segment_groups(
                 images, [tuple(meta['ori_shape'][:2]) for meta in metas]):
-            self.store_predictions(data_samples, indices,
-                                   self.engine.segment_group(batch, merge), finite)
+            self.store_predictions(data_samples, indices, outputs, finite)
         raise_if_not_finite(self.engine, finite, images, metas)
         return data_samples
 

@@ -17,10 +17,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from mmengine.config import DictAction
 from mmengine.logging import MMLogger
-from mmengine.runner import TestLoop
 from mmseg.registry import LOOPS
 from torch.utils.data import DataLoader
 
+from .machine import MachineAwareTestLoop
 from .non_finite import raise_if_not_finite
 from .segmentor import PIPELINE_KEYS, SelfAttnCLIPSegmentor
 
@@ -150,7 +150,7 @@ def predict_variants(variants: Sequence[SelfAttnCLIPSegmentor], inputs: torch.Te
 
 
 @LOOPS.register_module()
-class SweepLoop(TestLoop):
+class SweepLoop(MachineAwareTestLoop):
     """Evaluates every grid point in one pass over the test set.
 
     Args:

@@ -72,7 +72,7 @@ def test_non_finite_numbers_are_refused(key, value):
     (dict(attention=['naclip']), "attention=['naclip'] is not a dense variant; choose one of "
                                  "['clearclip', 'gated', 'maskclip', 'naclip', 'sclip', "
                                  "'vanilla']."),
-    (dict(precision=['fp16']), "precision must be one of ['fp32', 'fp16', 'bf16'], got "
+    (dict(precision=['fp16']), "precision must be one of ['fp32', 'fp16', 'bf16', 'auto'], got "
                                "['fp16']."),
     (dict(prob_thd=0.5, bg_idx='0'), "bg_idx must be a class index in [0, 1] (it receives the "
                                      "pixels dropped by prob_thd / area_thd), got '0'."),

@@ -246,7 +246,7 @@ def test_bf16_autocast_is_close_to_fp32():
 
 
 def test_unknown_precision_is_rejected():
-    with pytest.raises(ValueError, match=r"precision must be one of \['fp32', 'fp16', 'bf16'\]"):
+    with pytest.raises(ValueError, match=r"precision must be one of \['fp32', 'fp16', 'bf16', 'auto'\]"):
         build(precision='fp64')
 
 

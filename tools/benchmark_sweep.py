@@ -130,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         variants = [model.with_pipeline(**pipeline_overrides(model.pipeline_settings, point))
                     for point in points]
     runner.call_hook('before_run')  # as runner.test() does (log files)
-    test_loop = dict(type='TestLoop')
+    test_loop = dict(type='MachineAwareTestLoop')
     timed_loop(runner, test_loop, model)  # warm-up: text embeddings, kernels, caches
     one = timed_loop(runner, test_loop, model)
     sweep = timed_loop(runner, dict(type='SweepLoop', points=points), model)

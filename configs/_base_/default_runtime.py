@@ -19,8 +19,10 @@ default_hooks = dict(
 # fails before the first image on an empty test set or a class count that differs
 # between model and dataset
 # ReleaseLoaderWorkersHook: persistent workers end with the test, not at exit (no stall)
+# TestTimelineHook: one log line, start-up / loop / evaluation seconds
 custom_hooks = [dict(type='TestSetCheckHook'),
-                dict(type='ReleaseLoaderWorkersHook')]  # mmseg_selfattn/hooks.py
+                dict(type='ReleaseLoaderWorkersHook'),
+                dict(type='TestTimelineHook')]  # mmseg_selfattn/hooks.py
 
 vis_backends = [dict(type='LocalVisBackend')]
 visualizer = dict(
@@ -31,4 +33,5 @@ log_level = 'INFO'
 load_from = None
 resume = False
 
-test_cfg = dict(type='TestLoop')
+# TestLoop resolving test_dataloader's 'auto' batch_size / num_workers for the machine
+test_cfg = dict(type='MachineAwareTestLoop')  # mmseg_selfattn/machine.py

@@ -1,5 +1,7 @@
 # Test-time data settings shared by every dataset base (as in the SCLIP/NACLIP configs):
-# short side 336, one image per batch, mIoU. A dataset base sets test_dataloader.dataset.
+# short side 336, mIoU. A dataset base sets test_dataloader.dataset. Batch size and loader
+# workers follow the machine ('auto', mmseg_selfattn/machine.py): 16 images and up to 12
+# workers on a GPU machine, 1 image and 2 workers on CPU (the published configs' values).
 # The transforms and the metric are mmseg's, checked: bad data fails naming its file
 # (mmseg_selfattn/transforms.py, metrics.py).
 test_pipeline = [
@@ -10,8 +12,8 @@ test_pipeline = [
     dict(type='PackSegInputs'),
 ]
 test_dataloader = dict(
-    batch_size=1,
-    num_workers=2,
+    batch_size='auto',
+    num_workers='auto',
     persistent_workers=True,
     pin_memory=True,  # with the preprocessor's non_blocking copies
     sampler=dict(type='DefaultSampler', shuffle=False),
