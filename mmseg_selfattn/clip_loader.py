@@ -16,6 +16,7 @@ A tag whose weights are not in the local cache fails at once when offline
 within a few seconds) instead of through open_clip's ~45 s of download retries.
 Weights holding NaN / inf are refused, whatever their source.
 """
+import copy
 import functools
 import logging
 import os
@@ -47,6 +48,34 @@ _OFFLINE_ENV_VARS = ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE')
 _REACHABILITY_TIMEOUT_S = 3.0
 
 
+_REUSED: Optional[Dict[tuple, open_clip.CLIP]] = None  # reusing_loaded_models(): loaded CLIPs
+
+
+@contextmanager
+def reusing_loaded_models():
+    """Within it, ``load_clip`` returns a copy of the model it loaded before with the same
+    arguments (a weights file also unchanged: same size and modification time), so that
+    tools/eval_all.py reads and builds CLIP once for all its entries. The copies are
+    independent (the segmentor casts and moves its own)."""
+    global _REUSED
+    outer, _REUSED = _REUSED, ({} if _REUSED is None else _REUSED)
+    try:
+        yield
+    finally:
+        _REUSED = outer
+
+
+def _reuse_key(arch, pretrained, quick_gelu, cache_dir, seed) -> Optional[tuple]:
+    if _REUSED is None:
+        return None
+    source = os.fspath(pretrained) if isinstance(pretrained, os.PathLike) else pretrained
+    if isinstance(source, str) and os.path.isfile(source):
+        stat = os.stat(source)
+        source = (os.path.realpath(source), stat.st_size, stat.st_mtime_ns)
+    return (arch, source, quick_gelu, None if cache_dir is None else os.fspath(cache_dir),
+            seed)
+
+
 def load_clip(arch: str = 'ViT-B-16',
               pretrained: Union[str, os.PathLike, None] = 'openai',
               quick_gelu: Optional[bool] = None,
@@ -64,6 +93,18 @@ def load_clip(arch: str = 'ViT-B-16',
     """
     _check_arguments(arch, pretrained, quick_gelu, cache_dir, seed)
     _check_arch_name(arch)
+    key = _reuse_key(arch, pretrained, quick_gelu, cache_dir, seed)
+    if key is not None and key in _REUSED:
+        print_log(f'CLIP {arch}: the weights loaded before in this process', logger='current',
+                  level=logging.INFO)
+        return copy.deepcopy(_REUSED[key])
+    model = _load(arch, pretrained, quick_gelu, cache_dir, seed)
+    if key is not None:
+        _REUSED[key] = copy.deepcopy(model)
+    return model
+
+
+def _load(arch, pretrained, quick_gelu, cache_dir, seed) -> open_clip.CLIP:
     if isinstance(pretrained, os.PathLike):
         pretrained = os.fspath(pretrained)
     if isinstance(pretrained, str) and pretrained.lower() == 'none':

@@ -1,5 +1,6 @@
 """Weights sources of SPEC §4: round trips through every checkpoint format, clear errors."""
 import copy
+import os
 import socket
 import time
 import zipfile
@@ -350,3 +351,36 @@ def test_host_probe():
         port = server.getsockname()[1]
         assert clip_loader._host_reachable.__wrapped__('127.0.0.1', port)
     assert not clip_loader._host_reachable.__wrapped__('127.0.0.1', port)  # closed now
+
+
+def test_reused_models_are_independent_copies_of_unchanged_files(tiny_clip, tmp_path):
+    path = tmp_path / 'tiny.pt'
+    torch.save(tiny_clip.state_dict(), path)
+    reads = []
+    original = clip_loader._load
+
+    def counted(*args):
+        reads.append(args[1])
+        return original(*args)
+
+    clip_loader._load = counted
+    try:
+        with clip_loader.reusing_loaded_models():
+            first = load_clip(TINY_ARCH, str(path))
+            first.visual.proj.data.zero_()  # a user of one copy changes it
+            second = load_clip(TINY_ARCH, str(path))
+            assert len(reads) == 1  # read once
+            assert torch.equal(second.visual.proj, tiny_clip.visual.proj)
+            other_seed = load_clip(TINY_ARCH, None, seed=1)
+            assert len(reads) == 2 and not torch.equal(other_seed.visual.proj,
+                                                       second.visual.proj)
+            stamp = path.stat().st_mtime_ns
+            torch.save({k: v + 1 for k, v in tiny_clip.state_dict().items()}, path)
+            os.utime(path, ns=(stamp + 10**9, stamp + 10**9))  # coarse file-system clocks
+            changed = load_clip(TINY_ARCH, str(path))  # same path, new content: read again
+            assert len(reads) == 3
+            assert torch.equal(changed.visual.proj, tiny_clip.visual.proj + 1)
+        load_clip(TINY_ARCH, str(path))  # outside: no reuse
+        assert len(reads) == 4
+    finally:
+        clip_loader._load = original

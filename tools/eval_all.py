@@ -48,6 +48,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmseg_selfattn.benchmarks import (BENCHMARKS, METHOD_CONFIGS,  # noqa: E402
                                        config_fingerprint, method_config,
                                        set_data_dir)
+from mmseg_selfattn.clip_loader import reusing_loaded_models  # noqa: E402
 from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir,  # noqa: E402
                                 key_value, run_main, user_files)
 from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
@@ -212,7 +213,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if rank == 0 else lambda *_: None
     results: Dict[str, dict] = {}
     runs = RunSetProgress(len(entries))
-    for index, (name, config) in enumerate(entries.items(), 1):
+
+    def evaluate_entry(index: int, name: str, config: Path) -> None:
         entry_dir = work_dir / name
         entry_dir.mkdir(exist_ok=True)
         result_file = entry_dir / 'result.json'
@@ -228,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if stored['fingerprint'] == key:
                     results[name] = stored
                     say(f'{prefix}: done earlier, kept ({result_file})')
-                    continue
+                    return
                 say(f'{prefix}: config changed since the stored result, evaluating again')
             say(f'{prefix}: evaluating {config} ({runs.status(index)})')
             result = evaluate(name, cfg, entry_dir, args.launcher, not args.no_progress,
@@ -247,6 +249,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             if rank == 0:
                 (entry_dir / 'error.txt').write_text(traceback.format_exc())
             say(f'{prefix}: FAILED, {message} (traceback: {entry_dir / "error.txt"})')
+
+    with reusing_loaded_models():  # CLIP read and built once for all entries
+        for index, (name, config) in enumerate(entries.items(), 1):
+            evaluate_entry(index, name, config)
 
     if rank == 0:
         title = (f'{args.method or "configs"}: mIoU / mAcc / aAcc (%), CLIP weights '
