@@ -8,6 +8,7 @@ syncs and host-to-device copies once warm (the segmentor's pipeline is:
 cached text embeddings, window matrices and neighbour tables; DBSCAN without a
 convergence test on the GPU).
 """
+import warnings
 from collections import Counter
 from typing import Callable, Dict, Hashable, List, Sequence, Tuple
 
@@ -46,6 +47,7 @@ class CUDAGraphCache:
         self._graphs: Dict[Hashable, Tuple[torch.cuda.CUDAGraph, Tuple[Tensor, ...],
                                            Tuple[Tensor, ...]]] = {}
         self._sightings: Counter = Counter()
+        self._refused = False
         self._pool = None
 
     def __call__(self, key: Hashable, function: Callable[..., Tuple[Tensor, ...]],
@@ -53,7 +55,13 @@ class CUDAGraphCache:
         """``function(*inputs, *args)`` by graph replay; ``key`` must fix the function, the
         input shapes and ``args``."""
         if key not in self._graphs:
-            self._graphs[key] = self._capture(function, tuple(inputs), args)
+            try:
+                self._graphs[key] = self._capture(function, tuple(inputs), args)
+            except RuntimeError as error:  # torch.AcceleratorError included
+                if 'captur' not in str(error):
+                    raise
+                self._refuse(key, error)
+                return tuple(function(*inputs, *args))
         graph, static_inputs, static_outputs = self._graphs[key]
         for static, tensor in zip(static_inputs, inputs):
             static.copy_(tensor, non_blocking=True)
@@ -62,7 +70,16 @@ class CUDAGraphCache:
 
     def accepts(self, key: Hashable) -> bool:
         """Whether ``key`` has a graph or may still get one."""
-        return key in self._graphs or len(self._graphs) < self.max_graphs
+        return key in self._graphs or (len(self._graphs) < self.max_graphs
+                                       and not self._refused)
+
+    def _refuse(self, key: Hashable, error: Exception) -> None:
+        """A failed capture: the call runs eagerly, and no further key is captured (the
+        failure would repeat), with one warning."""
+        self._refused = True
+        warnings.warn(f'CUDA graph capture failed ({" ".join(str(error).split())[:200]}); '
+                      'running eagerly from now on.')
+        torch.cuda.synchronize()
 
     def repeats(self, key: Hashable) -> bool:
         """Counts a sighting of ``key``; whether it has a graph or gets one now (seen
@@ -84,7 +101,8 @@ class CUDAGraphCache:
                 function(*static_inputs, *args)
         torch.cuda.current_stream().wait_stream(side_stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the loader's pin-memory thread may allocate meanwhile
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode='thread_local'):
             static_outputs = function(*static_inputs, *args)
         self._pool = graph.pool()
         return graph, static_inputs, static_outputs

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mmengine.config import Config
 from mmengine.logging import MMLogger
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +76,17 @@ def log_records():
     yield records
     logger.removeHandler(handler)
     logger.setLevel(level)
+
+
+def runner_config(config, data_root, work_dir, model=None, **dataset):
+    cfg = Config.fromfile(str(config))
+    cfg.work_dir = str(work_dir)
+    cfg.model.clip = dict(arch=TINY_ARCH, pretrained=None)
+    if model is not None:
+        cfg.model = model
+    cfg.test_dataloader.num_workers = 0
+    cfg.test_dataloader.persistent_workers = False
+    cfg.test_dataloader.dataset.data_root = str(data_root)
+    cfg.test_dataloader.dataset.update(dataset)
+    cfg.default_hooks.logger.interval = 1
+    return cfg

@@ -157,3 +157,17 @@ def test_a_shape_seen_once_is_not_captured():
     assert len(graphed.engine._graphs) == 0 and len(graphed.engine._crop_graphs) == 0
     graphed.predict(torch.randn(1, 3, 40, 48).cuda())
     assert len(graphed.engine._graphs) == 1 and len(graphed.engine._crop_graphs) == 1
+
+
+@needs_cuda
+def test_a_failed_capture_runs_eagerly_and_stops_capturing():
+    cache = CUDAGraphCache(warmup=0)
+
+    def synchronising(x):  # a host sync: not capturable
+        return (x * float(x.sum()), )
+
+    x = torch.ones(3, device='cuda')
+    with pytest.warns(UserWarning, match='CUDA graph capture failed'):
+        assert cache('a', synchronising, (x, ))[0].tolist() == [3.0] * 3
+    assert not cache.accepts('b') and len(cache) == 0
+    assert (x + 1).tolist() == [2.0] * 3  # the device still works

@@ -12,7 +12,7 @@ from mmengine.runner import Runner
 from mmseg.models.segmentors.base import BaseSegmentor
 from mmseg.registry import MODELS
 
-from conftest import REPO_ROOT, TINY_ARCH, camvid_root
+from conftest import REPO_ROOT, TINY_ARCH, camvid_root, runner_config
 
 VOC_CONFIG = REPO_ROOT / 'configs/selfattn/selfattn_vit-b16_voc21.py'
 CAMVID_CONFIG = REPO_ROOT / 'configs/selfattn/selfattn_vit-b16_camvid.py'
@@ -53,20 +53,6 @@ def voc_root(tmp_path_factory):
                 voc['class_label'].astype(np.uint8))
     (root / 'ImageSets/Segmentation/val.txt').write_text('2011_000003\n')
     return root
-
-
-def runner_config(config, data_root, work_dir, model=None, **dataset):
-    cfg = Config.fromfile(str(config))
-    cfg.work_dir = str(work_dir)
-    cfg.model.clip = TINY_RANDOM_CLIP
-    if model is not None:
-        cfg.model = model
-    cfg.test_dataloader.num_workers = 0
-    cfg.test_dataloader.persistent_workers = False
-    cfg.test_dataloader.dataset.data_root = str(data_root)
-    cfg.test_dataloader.dataset.update(dataset)
-    cfg.default_hooks.logger.interval = 1
-    return cfg
 
 
 def test_voc_folder_through_runner(voc_root, tmp_path):
