@@ -34,7 +34,11 @@ def load_tool(name: str, module_name: str = None):
     """``tools/<name>.py`` as a module, registered in ``sys.modules`` (under
     ``module_name``, default ``name``) so that pickling its functions by name works."""
     module_name = module_name or name
-    spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / 'tools' / f'{name}.py')
+    path = REPO_ROOT / 'tools' / f'{name}.py'
+    loaded = sys.modules.get(module_name)
+    if loaded is not None and Path(getattr(loaded, '__file__', '')) == path:
+        return loaded  # one module object: pickling its functions by name finds them
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
