@@ -24,6 +24,7 @@ open_clip are imported by the functions that need them). The checks of configs, 
 and runners are in ``tool_checks``.
 """
 import argparse
+import logging
 import math
 import os
 import sys
@@ -211,3 +212,20 @@ def _one_line(what: str, error: BaseException) -> str:
     message = ' '.join(message.split())  # one line
     name = what.split(' ', 1)[-1]
     return message if what in message or name in message else f'{what}: {message}'
+
+
+def exit_now(code: int) -> None:
+    """Ends an evaluation tool's process with ``code`` right after flushing its output and
+    logs, skipping the interpreter's teardown of torch and the model (measured at 1.5-1.7 s
+    after the last line, on CPU and on an H200 host). In a distributed run (a process group
+    is up) the normal exit runs, which also ends the group."""
+    import torch.distributed as dist  # already imported by the tools that call this
+    if dist.is_available() and dist.is_initialized():
+        sys.exit(code)
+    logging.shutdown()  # flushes and closes the log files (mmengine's handlers included)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing left to keep
+            pass
+    os._exit(code)

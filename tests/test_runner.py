@@ -104,6 +104,11 @@ def test_tools_test_cli(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert 'mIoU' in run.stdout + run.stderr
     assert len(list((tmp_path / 'vis').rglob('*.png'))) == 2
+    # the process ends without the interpreter's teardown (cli.exit_now): every line is
+    # out, on stdout and in the log file
+    assert run.stdout.rstrip().splitlines()[-1].startswith('pictures (image | ground truth')
+    log, = tmp_path.glob('*/*.log')
+    assert 'test timeline: start-up' in log.read_text().splitlines()[-1]
 
 
 def test_mixed_size_test_batches_equal_batch_one(voc_root, tmp_path):

@@ -49,7 +49,7 @@ from mmseg_selfattn.benchmarks import (BENCHMARKS, METHOD_CONFIGS,  # noqa: E402
                                        config_fingerprint, method_config,
                                        set_data_dir)
 from mmseg_selfattn.clip_loader import reusing_loaded_models  # noqa: E402
-from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir,  # noqa: E402
+from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir, exit_now,  # noqa: E402
                                 key_value, run_main, user_files)
 from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
 from mmseg_selfattn.progress import RunSetProgress, with_progress  # noqa: E402
@@ -263,4 +263,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(run_main(main))
+    exit_now(run_main(main))  # no interpreter teardown after the results

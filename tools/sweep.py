@@ -43,7 +43,7 @@ import mmseg_selfattn  # noqa: E402,F401  (mmcv.ops stand-in, registers modules)
 from mmengine.config import Config, DictAction  # noqa: E402
 
 from mmseg_selfattn.benchmarks import config_fingerprint, set_data_dir  # noqa: E402
-from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir,  # noqa: E402
+from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir, exit_now,  # noqa: E402
                                 key_value, run_main, user_files)
 from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
 from mmseg_selfattn.progress import with_progress  # noqa: E402
@@ -200,4 +200,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == '__main__':
-    sys.exit(run_main(main))
+    exit_now(run_main(main))  # no interpreter teardown after the results

@@ -29,7 +29,7 @@ import mmseg_selfattn  # noqa: E402,F401
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 
-from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir,  # noqa: E402
+from mmseg_selfattn.cli import (UsageError, check_exists, check_out_dir, exit_now,  # noqa: E402
                                 key_value, run_main)
 from mmseg_selfattn.hooks import with_test_set_checks  # noqa: E402
 from mmseg_selfattn.progress import with_progress  # noqa: E402
@@ -185,4 +185,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == '__main__':
-    sys.exit(run_main(main))
+    exit_now(run_main(main))  # no interpreter teardown after the results
