@@ -1,0 +1,294 @@
+"""ResCLIP's two modules as pure, batched functions (Yang et al., CVPR 2025;
+contract: ``shared/methods/resclip.md``).
+
+Notation as in SPEC.md, per head: s = 1/sqrt(d), T = 1 + N tokens (CLS at 0), patch
+grid h x w, N = h * w, B crops. All functions work on the device of their inputs,
+batched over B, without Python loops over tokens.
+
+RCS, residual cross-correlation self-attention (both passes)::
+
+    A^l = softmax(s q k^T)            per head, block l (blocks ``RCS_LAYERS``)
+    A_c = mean_l A^l                  (B, H, T, T)
+    P  <- τ_r ((1 - λ_r) P + λ_r A_c)  on the dense attention P, after its softmax
+
+SFR, semantic feedback refinement (pass 2 only), on every dense logit term G::
+
+    G  <- τ_s ((1 - λ_s) G + λ_s Ŝ)    before naclip's window ω and stage 2's bias
+
+Ŝ (B, T, T) is built from pass 1's patch labels c (``patch_labels``) by
+``sfr_matrix``: label agreement E, the published line-of-sight decay, a 1-D Gaussian
+blur of every row along the raster index, row normalisation, zero CLS row and
+column, one max per crop.
+
+Published quirks reproduced by default, corrections offered by a flag:
+- line of sight (``exact_line_of_sight=False``): step 1/M, not 1/d_ij, so only
+  the first d_ij/M of the segment p_i -> p_j is checked;
+- fp16 affinity (``half_precision=True``): Ŝ is cast to float16 and λ_s Ŝ is
+  computed in half, also in fp32 runs.
+"""
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .dense_attention import ProbsHook
+from .pamr import PAMR
+
+# 0-based indices of ResCLIP's RCS blocks (6..9), hard-coded also for ViT-L/14's 24
+RCS_LAYERS = (5, 6, 7, 8)
+# pass 1's feedback map is PAMR-refined whatever ``pamr_steps`` is
+PASS1_PAMR_STEPS = 10
+PASS1_PAMR_DILATIONS = (8, 16)
+ROW_SUM_EPS = 1e-8  # SFR's rows / (row sum + eps)
+
+
+# -- RCS ----------------------------------------------------------------------------------
+def head_probs(q: Tensor, k: Tensor) -> Tensor:
+    """A^l = softmax(s q k^T) per head, (B, H, T, T) fp32, from (B, H, T, d).
+
+    q is scaled before the matmul (in q's dtype, as torch's multi-head attention does
+    when it returns weights); the softmax is taken in fp32.
+    """
+    scale = q.shape[-1]**-0.5
+    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1, dtype=torch.float32)
+
+
+def block_head_probs(block: nn.Module, x: Tensor) -> Tensor:
+    """``head_probs`` of an open_clip ``ResidualAttentionBlock`` from its input x (B, T, C):
+    q, k = in_proj(ln_1(x)), split into the block's heads."""
+    attn = block.attn
+    width = x.shape[-1]
+    qk = F.linear(block.ln_1(x), attn.in_proj_weight[:2 * width], attn.in_proj_bias[:2 * width])
+    batch, tokens, _ = qk.shape
+    q, k = qk.view(batch, tokens, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    return head_probs(q, k)
+
+
+class AttentionMean:
+    """Running mean of per-head attention maps, added block by block: holds one fp32 sum,
+    never L maps. ``value()`` is A_c."""
+
+    def __init__(self) -> None:
+        self.total: Optional[Tensor] = None
+        self.count = 0
+
+    def add(self, probs: Tensor) -> None:
+        """Add one block's (B, H, T, T) map (not modified)."""
+        probs = probs.float()
+        self.total = probs.clone() if self.total is None else self.total.add_(probs)
+        self.count += 1
+
+    def value(self) -> Tensor:
+        """A_c = sum / count, (B, H, T, T) fp32."""
+        if self.total is None:
+            raise ValueError('AttentionMean.value(): no attention map was added')
+        return self.total / self.count
+
+
+def rcs_attention(per_head_probs: Sequence[Tensor]) -> Tensor:
+    """A_c = mean over the given blocks of A^l, (B, H, T, T) fp32 (no head mean)."""
+    mean = AttentionMean()
+    for probs in per_head_probs:
+        mean.add(probs)
+    return mean.value()
+
+
+def rcs_mix(probs: Tensor, a_c: Tensor, weight: float, scale: float) -> Tensor:
+    """P <- τ_r ((1 - λ_r) P + λ_r A_c), with λ_r = ``weight``, τ_r = ``scale``.
+
+    probs (B, H, T, T) is the dense attention after its softmax (rows sum to 1, 2 for
+    sclip); rows of the result sum to τ_r (τ_r (2 - λ_r) for sclip). Computed in fp32 at
+    least, returned in the dtype of ``probs``. λ_r = 0, τ_r = 1 returns P bitwise.
+    """
+    compute = torch.promote_types(probs.dtype, torch.float32)
+    mixed = (1 - weight) * probs.to(compute) + weight * a_c.to(compute)
+    return (scale * mixed).to(probs.dtype)
+
+
+def rcs_hook(a_c: Tensor, weight: float, scale: float) -> ProbsHook:
+    """``rcs_mix`` as a ``dense_attention`` probs hook (applied before stage 3's hook)."""
+    def hook(probs: Tensor) -> Tensor:
+        return rcs_mix(probs, a_c, weight, scale)
+    return hook
+
+
+# -- SFR: the logit transform -------------------------------------------------------------
+def sfr_logits(logits: Tensor, s_hat: Tensor, weight: float, scale: float,
+               half_precision: bool = True) -> Tensor:
+    """G <- τ_s ((1 - λ_s) G + λ_s Ŝ), with λ_s = ``weight``, τ_s = ``scale``.
+
+    Args:
+        logits: (B, H, T, T) one dense logit term G (scaled, before ω and any bias).
+        s_hat: Ŝ, (B, T, T) (broadcast over heads) or broadcastable to ``logits``.
+        half_precision: as published, Ŝ is cast to float16 and λ_s Ŝ computed in half
+            (in fp32 runs this rounds that term only); False: all in fp32.
+
+    Returns:
+        In fp32 at least. λ_s = 0, τ_s = 1 returns fp32 G bitwise.
+    """
+    if s_hat.dim() == logits.dim() - 1:
+        s_hat = s_hat.unsqueeze(-3)  # one map for every head
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    term = weight * (s_hat.half() if half_precision else s_hat.to(compute))
+    return scale * ((1 - weight) * logits.to(compute) + term.to(compute))
+
+
+# -- SFR: pass 1's feedback labels --------------------------------------------------------
+def pass1_pamr() -> PAMR:
+    """The PAMR of pass 1: 10 steps, dilations (8, 16), whatever ``pamr_steps`` is."""
+    return PAMR(PASS1_PAMR_STEPS, PASS1_PAMR_DILATIONS)
+
+
+def pixel_labels(query_logits: Tensor, logit_scale: float, threshold: float) -> Tensor:
+    """y = argmax_q p_q with p = softmax_q(logit_scale * l) over all Q queries; y = 0
+    (query 0) where max_q p_q < ``threshold``. (B, Q, H, W) -> (B, H, W) long."""
+    probs = (logit_scale * query_logits.float()).softmax(dim=1)
+    labels = probs.argmax(dim=1)
+    return torch.where(probs.amax(dim=1) < threshold, torch.zeros_like(labels), labels)
+
+
+def patch_mode(labels: Tensor, patch: Union[int, Tuple[int, int]], num_labels: int) -> Tensor:
+    """c_n = the most frequent pixel label over patch n's p x p block, (B, H, W) ->
+    (B, H // p, W // p) long.
+
+    Pixels beyond h p, w p are ignored; ties go to the smallest label (as CPU
+    ``torch.mode``). Counted per patch by one scatter-add, (B, h, w, num_labels).
+    """
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    batch, height, width = labels.shape
+    h, w = height // ph, width // pw
+    blocks = labels[:, :h * ph, :w * pw].reshape(batch, h, ph, w, pw)
+    blocks = blocks.permute(0, 1, 3, 2, 4).reshape(batch, h, w, ph * pw)
+    counts = torch.zeros(batch, h, w, num_labels, dtype=torch.int32, device=labels.device)
+    counts.scatter_add_(-1, blocks, torch.ones_like(blocks, dtype=torch.int32))
+    return counts.argmax(dim=-1)  # first maximum: the smallest label
+
+
+def patch_labels(query_logits_crop_size: Tensor, crops: Tensor, logit_scale: float,
+                 threshold: float, patch: Union[int, Tuple[int, int]],
+                 pamr: Optional[nn.Module] = None) -> Tensor:
+    """Pass 1's feedback labels c, one per patch.
+
+    Args:
+        query_logits_crop_size: (B, Q, H, W) pass-1 logits of every query, already
+            bilinear at the crop size.
+        crops: (B, 3, H, W) the normalised crops (PAMR's guide).
+        logit_scale: softmax temperature (the segmentor's ``logit_scale``).
+        threshold: ``temp_thd``; pixels with max p below it get query 0.
+        patch: the ViT's patch size p (int or (ph, pw)).
+        pamr: the refinement, ``pass1_pamr()`` for the published one; None skips it.
+
+    Returns:
+        (B, H // ph, W // pw) long query indices.
+    """
+    if query_logits_crop_size.shape[-2:] != crops.shape[-2:]:
+        raise ValueError(f'patch_labels: logits {tuple(query_logits_crop_size.shape[-2:])} '
+                         f'are not at the crop size {tuple(crops.shape[-2:])}')
+    logits = query_logits_crop_size if pamr is None else pamr(crops, query_logits_crop_size)
+    labels = pixel_labels(logits, logit_scale, threshold)
+    return patch_mode(labels, patch, query_logits_crop_size.shape[1])
+
+
+# -- SFR: the affinity Ŝ ------------------------------------------------------------------
+def grid_points(h: int, w: int, device=None) -> Tensor:
+    """(N, 2) float32 (row, column) of every patch, raster order."""
+    rows, cols = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
+                                torch.arange(w, device=device, dtype=torch.float32),
+                                indexing='ij')
+    return torch.stack([rows.flatten(), cols.flatten()], dim=-1)
+
+
+def chebyshev_distance(h: int, w: int, device=None) -> Tensor:
+    """d_ij = max(|Δrow|, |Δcol|) between patches, (N, N) float32."""
+    points = grid_points(h, w, device)
+    return (points[:, None] - points[None]).abs().amax(dim=-1)
+
+
+def line_of_sight(labels: Tensor, exact: bool = False) -> Tensor:
+    """V_ij: every label at the rounded points of the segment p_i -> p_j equals c_i,
+    (B, h, w) -> (B, N, N) bool.
+
+    Points round(p_i (1 - t_m) + p_j t_m), m = 0..d_ij, in float32, rounded half to even.
+    Published (``exact=False``): t_m = m / M, M = max(h, w) - 1, so only the first d_ij / M
+    of the segment is checked. ``exact=True``: t_m = m / d_ij, the whole segment.
+
+    One step m at a time over all pairs: memory O(B N^2), M + 1 steps.
+    """
+    batch, h, w = labels.shape
+    flat = labels.reshape(batch, h * w)
+    points = grid_points(h, w, labels.device)
+    start, end = points[:, None], points[None]  # (N, 1, 2), (1, N, 2)
+    distance = chebyshev_distance(h, w, labels.device)
+    steps = max(h, w) - 1
+    # all float32 on the device (no host copies: CUDA-graph safe): t_m = f32(m) / f32(M)
+    # and 1 - t_m in float32, as the page's "float32" says
+    ratios = torch.arange(steps + 1, device=labels.device, dtype=torch.float32)
+    if not exact:
+        ratios = ratios / max(steps, 1)  # a 1 x 1 grid has only d = 0: t_0 = 0
+    own = flat[:, :, None]  # c_i
+    visible = torch.ones(batch, h * w, h * w, dtype=torch.bool, device=labels.device)
+    for m in range(steps + 1):
+        # exact: t = m / d_ij (d = 0 occurs only at m = 0)
+        t = (ratios[m] / distance.clamp(min=1)).unsqueeze(-1) if exact else ratios[m]
+        point = (start * (1 - t) + end * t).round()  # (N, N, 2), half to even
+        rows = point[..., 0].clamp(0, h - 1).long()  # exact: m > d_ij overshoots (masked)
+        cols = point[..., 1].clamp(0, w - 1).long()
+        seen = flat[:, rows * w + cols]  # (B, N, N)
+        visible &= (seen == own) | (distance < m)  # steps beyond d_ij are not checked
+    return visible
+
+
+def label_affinity(labels: Tensor, line_decay: bool = True,
+                   exact_line_of_sight: bool = False) -> Tensor:
+    """E_ij = [c_i = c_j], and with ``line_decay`` (``delete_same_entity``)
+    E_ij <- E_ij exp(-d_ij / M) where V_ij fails; (B, h, w) -> (B, N, N) float32."""
+    batch, h, w = labels.shape
+    flat = labels.reshape(batch, h * w)
+    affinity = (flat[:, :, None] == flat[:, None]).float()
+    if line_decay:
+        distance = chebyshev_distance(h, w, labels.device)
+        decay = torch.exp(-distance / max(max(h, w) - 1, 1))
+        visible = line_of_sight(labels, exact_line_of_sight)
+        affinity = torch.where(visible, affinity, affinity * decay)
+    return affinity
+
+
+def blur_width(num_patches: int, std: float) -> int:
+    """K = min(N, floor(6σ + 1)), made odd by taking one less (31 for σ = 5)."""
+    width = min(num_patches, math.floor(6 * std + 1))
+    return max(width - (1 - width % 2), 1)
+
+
+def gaussian_kernel(width: int, std: float, device=None) -> Tensor:
+    """Normalised 1-D Gaussian of odd ``width`` and std σ, (width,) float32."""
+    offsets = torch.arange(width, device=device, dtype=torch.float32) - width // 2
+    kernel = torch.exp(-offsets.square() / (2 * std**2))
+    return kernel / kernel.sum()
+
+
+def raster_blur(rows: Tensor, std: float) -> Tensor:
+    """Blur every row of (B, N, N) along its last (flattened raster) index: 1-D, wrapping
+    across grid rows, zero padding, ``gaussian_kernel(blur_width(N, σ), σ)``."""
+    batch, count, length = rows.shape
+    width = blur_width(length, std)
+    kernel = gaussian_kernel(width, std, rows.device).view(1, 1, width)
+    blurred = F.conv1d(rows.reshape(batch * count, 1, length), kernel, padding=width // 2)
+    return blurred.view(batch, count, length)
+
+
+def sfr_matrix(labels: Tensor, gaussian_std: float, line_decay: bool = True,
+               exact_line_of_sight: bool = False) -> Tensor:
+    """Ŝ from pass 1's patch labels c (B, h, w): (B, T, T) float32, T = 1 + h w.
+
+    Ŝ = normalise(pad_CLS(rownorm(relu(blur_σ(E))))): E = ``label_affinity``; each row
+    blurred along the raster index (``raster_blur``); rows / (row sum + 1e-8); zero CLS
+    row and column; divided by its single max per crop (a zero map stays zero).
+    """
+    affinity = label_affinity(labels, line_decay, exact_line_of_sight)
+    rows = raster_blur(affinity, gaussian_std).relu()  # relu: a no-op for E >= 0
+    rows = rows / (rows.sum(dim=-1, keepdim=True) + ROW_SUM_EPS)
+    s_hat = F.pad(rows, (1, 0, 1, 0))
+    peak = s_hat.amax(dim=(-2, -1), keepdim=True)
+    return s_hat / torch.where(peak > 0, peak, torch.ones_like(peak))
