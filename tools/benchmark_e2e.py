@@ -88,11 +88,14 @@ DEFAULT_IMAGES = 200
 FABRICATION_SEED = 0
 LOG_TAIL_LINES = 15
 # mmcv-lite ships no compiled ops, and mmseg imports mmcv.ops at module level: without the
-# package's stand-in installed first, ``import mmseg.apis`` fails. (Importing the stand-in
-# module runs mmseg_selfattn/__init__.py too, as every tool of this package does.)
-IMPORT_FLOOR_CODE = ('import torch, mmengine.runner; '
-                     'from mmseg_selfattn.mmcv_ops_standin import install_mmcv_ops_standin '
-                     'as i; i(); import mmseg.apis')
+# package's stand-in installed first, ``import mmseg.apis`` fails. The stand-in's file is
+# loaded on its own (not through mmseg_selfattn/__init__.py), so the floor holds torch,
+# mmengine's runner and mmseg only.
+IMPORT_FLOOR_CODE = (
+    'import importlib.util, torch, mmengine.runner; '
+    "spec = importlib.util.spec_from_file_location('standin', "
+    "'mmseg_selfattn/mmcv_ops_standin.py'); standin = importlib.util.module_from_spec(spec); "
+    'spec.loader.exec_module(standin); standin.install_mmcv_ops_standin(); import mmseg.apis')
 TIMELINE = re.compile(re.escape(TIMELINE_PREFIX) + r' start-up (?P<startup>\d+(?:\.\d+)?) s, '
                       r'loop (?P<loop>\d+(?:\.\d+)?) s \((?P<images>\d+) images, '
                       r'(?P<rate>\d+(?:\.\d+)?|n/a) images/s\), evaluation '
