@@ -7,6 +7,7 @@
         stage_patch_logits()
             dense_block()         2 similarity bias on the logits; last block in the
                                     `attention` variant (3 'attention' mode edits P) -> X
+                                    (attention='scclip': scclip.SCCLIPHead, stages 2-6 off)
             3 self-attention enhancement ('feature' mode rescales X)
             4 outlier suppression   replaces high A[cls,i]/A[i,i] tokens
             5 global debias         removes x_cls from X
@@ -27,13 +28,14 @@ from torch import Tensor, nn
 
 from .config_checks import check_number, init_defaults
 from .encoder import DenseCLIPEncoder, EncodedCrops
+from .scclip import build_scclip
 from .stages import PIPELINE_STAGES, build_stage
 from .stages.global_debias import cls_logit_bias
 from .stages.self_attn_enhancement import enhanced_attention, self_attention_deficit
 from .text_classifier import ClassNames, TextClassifier, query_to_class_index
 
 # keys of the pipeline: the dense last block, stages 2-6 and the classifier
-PIPELINE_KEYS = ('attention', 'gaussian_std', 'cls_token_lambda',
+PIPELINE_KEYS = ('attention', 'gaussian_std', 'scclip_cfg', 'cls_token_lambda',
                  *(f'{prefix}{name}{suffix}' for name in PIPELINE_STAGES
                    for prefix, suffix in (('apply_', ''), ('', '_cfg'))))
 STAGE_GRAPHS = 64  # compiled variants of the stages per process
@@ -50,6 +52,7 @@ class CropPipeline(nn.Module):
         vit_dtype: dtype the crops are cast to for the ViT.
         compile: ``torch.compile`` blocks 1..L-1 and stages 2-7.
         attention, gaussian_std: the dense last block (``DenseCLIPEncoder``).
+        scclip_cfg: SC-CLIP's settings (``scclip.SCCLIPHead``), used by attention='scclip'.
         cls_token_lambda: logit-level CLS debias (SPEC §1.5), 0 = off.
         apply_<stage> / <stage>_cfg: stages 2-6.
 
@@ -61,7 +64,8 @@ class CropPipeline(nn.Module):
     def __init__(self, visual: nn.Module, text_classifier: TextClassifier,
                  class_names: ClassNames, vit_dtype: torch.dtype = torch.float32,
                  compile: bool = False, attention: str = 'naclip', gaussian_std: float = 5.0,
-                 cls_token_lambda: float = 0.0, **stage_keys):
+                 scclip_cfg: Optional[dict] = None, cls_token_lambda: float = 0.0,
+                 **stage_keys):
         super().__init__()
         self.__dict__['_visual'] = visual  # registered once, as encoder.visual
         self.text_classifier = text_classifier
@@ -74,8 +78,10 @@ class CropPipeline(nn.Module):
         self.timer = self.recorder = self.stage_check = None
         self.serial = next(_SERIALS)  # identifies these settings (CUDA-graph keys)
         self.settings = dict(attention=attention, gaussian_std=gaussian_std,
-                             cls_token_lambda=cls_token_lambda, **stage_keys)
+                             scclip_cfg=scclip_cfg, cls_token_lambda=cls_token_lambda,
+                             **stage_keys)
         self.encoder = DenseCLIPEncoder(visual, attention, gaussian_std)
+        self.scclip = build_scclip(attention, scclip_cfg, self.encoder.num_blocks)
         if compile:  # on this encoder instance only (a reference copy stays eager)
             self.encoder.compile_blocks()
         self.cls_token_lambda = check_number('cls_token_lambda', cls_token_lambda)
@@ -92,7 +98,7 @@ class CropPipeline(nn.Module):
                           and self.self_attn_enhancement.mode == 'attention')
         # what decides the dense block's output (its memo key in EncodedCrops)
         self.dense_key = (attention, self.encoder.gaussian_std,
-                          repr(self.similarity_enhancement),
+                          repr(self.similarity_enhancement) + repr(self.scclip),
                           repr(self.self_attn_enhancement) if attention_mode else None)
         self.plain_dense_key = self.dense_key[:3] + (None, )  # without stage 3's edit
         # layer-wise enhancement of earlier blocks (part of the encoding)
@@ -125,17 +131,24 @@ class CropPipeline(nn.Module):
         return self.stage_patch_logits(self.encode_crops(crops))
 
     def encode_crops(self, crops: Tensor, capture_attention: bool = False,
-                     mid_layers: Sequence[int] = ()) -> EncodedCrops:
+                     mid_layers: Sequence[int] = (), layer_sums: Sequence[tuple] = (),
+                     last_block: bool = False) -> EncodedCrops:
         """Stage 1: blocks 1..L-1 and what the later stages need from them, for this
-        pipeline's stages, plus the attention / mid layers asked for (tools/sweep.py
-        encodes once for several variants)."""
+        pipeline's stages, plus the attention / mid layers / layer sums / standard last
+        block asked for (tools/sweep.py encodes once for several variants)."""
+        layer_sums = tuple(dict.fromkeys((*self.layer_sums, *layer_sums)))
+        last_block = last_block or self.needs_last_block
+        # only SC-CLIP asks for these (the reference loop's encoder takes neither)
+        scclip_keys = ({} if last_block and not layer_sums
+                       else dict(layer_sums=layer_sums, last_block=last_block))
         with self._timed('encode'):
             encoded = self.encoder.encode(
                 crops.to(self.vit_dtype),
-                capture_attention=(capture_attention or self.needs_attention
-                                   or self.recorder is not None),
+                capture_attention=last_block and (capture_attention or self.needs_attention
+                                                  or self.recorder is not None),
                 mid_layers=(tuple(sorted({*self.mid_layers, *mid_layers})) if mid_layers
-                            else self.mid_layers), block_edits=self.block_edits)
+                            else self.mid_layers), block_edits=self.block_edits,
+                **scclip_keys)
         self._check('encode', encoded.x_cls, encoded.attention)
         return encoded
 
@@ -160,7 +173,8 @@ class CropPipeline(nn.Module):
             deficit, strength = self.enhancement_inputs(encoded)
         features = self.dense_block(encoded, deficit, strength)
         # stages 2-6 and the classifier in fp32 (cheap, and DBSCAN's eps is precise)
-        features, x_cls = features.float(), encoded.x_cls.float()
+        features = features.float()
+        x_cls = None if encoded.x_cls is None else encoded.x_cls.float()  # None: scclip
         if self_attn is not None and self_attn.mode == 'feature':  # rescales X
             with self._timed('self_attn_enhancement'):
                 features = self_attn.enhance_features(features, deficit, strength)
@@ -233,7 +247,8 @@ class CropPipeline(nn.Module):
             with self._timed('self_attn_enhancement'):  # edits P in the block
                 probs_hook = self_attn.probs_hook(deficit, strength)
         with self._timed('dense_block'):
-            features = self.encoder.dense_features(encoded, attention_bias, probs_hook)
+            features = (self.scclip(self.encoder.visual, encoded) if self.scclip is not None
+                        else self.encoder.dense_features(encoded, attention_bias, probs_hook))
         self._check('dense block' + (' with self-attention enhancement' if probs_hook else ''),
                     features)
         encoded.dense_memo[key] = features
@@ -280,6 +295,11 @@ class CropPipeline(nn.Module):
             ctd_labels=getattr(ctd, 'last_labels', None))
 
     def _check_stage_compatibility(self, attention: str) -> None:
+        self.layer_sums: Tuple[tuple, ...] = ()  # SC-CLIP's fusion sum
+        self.needs_last_block = self.scclip is None
+        if self.scclip is not None:
+            self._check_scclip_compatibility()
+            return
         if self.similarity_enhancement is not None and attention == 'maskclip':
             raise ValueError("apply_similarity_enhancement=True needs attention logits, but "
                              "attention='maskclip' has none; use another attention variant.")
@@ -291,6 +311,27 @@ class CropPipeline(nn.Module):
         # the captured attention A feeds stages 3 and 4
         self.needs_attention = (self.self_attn_enhancement is not None
                                 or self.outlier_suppression is not None)
+
+    def _check_scclip_compatibility(self) -> None:
+        """SC-CLIP never runs the standard last block: no A and no x_cls, which stages 3-6
+        and cls_token_lambda read; stage 2's logit bias has no place in its calibrated
+        attention (a mixture of G and a softmax, not a logit sum). One error naming the
+        keys that are on."""
+        enabled = [f'apply_{name}=True' for name in PIPELINE_STAGES
+                   if getattr(self, name) is not None]
+        if self.cls_token_lambda:
+            enabled.append(f'cls_token_lambda={self.cls_token_lambda}')
+        if enabled:
+            raise ValueError(
+                f"attention='scclip' cannot combine with {', '.join(enabled)}: SC-CLIP never "
+                'runs the standard last block, so the attention A and the CLS embedding x_cls '
+                'that stages 3-6 and cls_token_lambda read do not exist, and its calibrated '
+                'attention takes no logit bias (stage 2); switch them off '
+                '(docs/stages.md#sc-clip).')
+        scclip = self.scclip
+        self.mid_layers = tuple(sorted({scclip.pre_layer, scclip.post_layer}))
+        self.layer_sums = (scclip.fusion_layers, ) if scclip.fusion_layers else ()
+        self.needs_attention = False
 
     def _check(self, stage: str, *tensors: Optional[Tensor]) -> None:
         if self.stage_check is not None:

@@ -20,6 +20,8 @@ from .dense_attention import DENSE_VARIANTS, ProbsHook, dense_attention, gaussia
 from .stages.self_attn_enhancement import boost_self_attention, self_attention_deficit
 
 BlockEdit = Tuple[str, float, float]  # (mode, strength, threshold) of an earlier block
+# dense_attention's variants plus SC-CLIP (scclip.py: its own last block, no standard one)
+ATTENTIONS = (*DENSE_VARIANTS, 'scclip')
 # naclip's window std in patches: below this the window is the identity, above it flat
 GAUSSIAN_STD_RANGE = (0.01, 1e4)
 
@@ -29,12 +31,15 @@ class EncodedCrops:
     """What ``DenseCLIPEncoder.encode`` captures for B crops (T = 1 + N tokens)."""
     grid: Tuple[int, int]  # patch grid (h, w), N = h * w
     block_input: torch.Tensor  # (B, T, C) input of the last block
-    q: torch.Tensor  # (B, H, T, d) last block, per head
-    k: torch.Tensor
-    v: torch.Tensor
-    x_cls: torch.Tensor  # (B, D) projected CLS output of the standard forward
+    # the standard last block (None when encoded without it: attention='scclip')
+    q: Optional[torch.Tensor]  # (B, H, T, d) last block, per head
+    k: Optional[torch.Tensor]
+    v: Optional[torch.Tensor]
+    x_cls: Optional[torch.Tensor]  # (B, D) projected CLS output of the standard forward
     attention: Optional[torch.Tensor] = None  # (B, T, T) standard softmax(q k^T), head mean
     mid_features: Dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (B, N, C)
+    # blocks -> (B, T, C) fp32 sum of their whole outputs, CLS row included (SC-CLIP's M)
+    layer_sums: Dict[Tuple[int, ...], torch.Tensor] = field(default_factory=dict)
     # dense-block outputs X by the settings that decide them: segmentor variants with
     # equal dense settings share one (tools/sweep.py)
     dense_memo: Dict[tuple, torch.Tensor] = field(default_factory=dict)
@@ -91,7 +96,8 @@ class DenseCLIPEncoder(nn.Module):
 
     Args:
         visual: the CLIP image tower.
-        attention: dense variant of the last block, a key of ``DENSE_VARIANTS``.
+        attention: dense variant of the last block, a key of ``DENSE_VARIANTS``, or
+            'scclip' (the last block is ``scclip.SCCLIPHead``'s, run by the pipeline).
         gaussian_std: std (in patches) of naclip's neighbourhood window, in
             ``GAUSSIAN_STD_RANGE``.
     """
@@ -99,11 +105,11 @@ class DenseCLIPEncoder(nn.Module):
     def __init__(self, visual: VisionTransformer, attention: str = 'naclip',
                  gaussian_std: float = 5.0):
         super().__init__()
-        if not isinstance(attention, str) or attention not in DENSE_VARIANTS:
+        if not isinstance(attention, str) or attention not in ATTENTIONS:
             raise ValueError(f'attention={attention!r} is not a dense variant; '
-                             f'choose one of {sorted(DENSE_VARIANTS)}.')
+                             f'choose one of {sorted(ATTENTIONS)}.')
         self.visual = visual
-        self.variant = DENSE_VARIANTS[attention]
+        self.variant = DENSE_VARIANTS.get(attention)  # None: scclip
         self.attention_name = attention
         self.gaussian_std = check_number('gaussian_std', gaussian_std, *GAUSSIAN_STD_RANGE)
         self.patch_size = visual.patch_size  # (ph, pw)
@@ -112,7 +118,9 @@ class DenseCLIPEncoder(nn.Module):
     # -- stage 1: the standard forward, captured -------------------------------------------
     def encode(self, crops: torch.Tensor, capture_attention: bool = False,
                mid_layers: Sequence[int] = (),
-               block_edits: Optional[Dict[int, BlockEdit]] = None) -> EncodedCrops:
+               block_edits: Optional[Dict[int, BlockEdit]] = None,
+               layer_sums: Sequence[Tuple[int, ...]] = (),
+               last_block: bool = True) -> EncodedCrops:
         """Run the ViT on crops (B, 3, H, W), H and W multiples of the patch size.
 
         Args:
@@ -122,8 +130,16 @@ class DenseCLIPEncoder(nn.Module):
             block_edits: {block index (not the last): (mode, strength, threshold)}:
                 layer-wise self-attention enhancement of earlier blocks; only these
                 blocks leave torch's fused attention.
+            layer_sums: tuples of 0-based block indices (not the last): the fp32 sum of
+                each tuple's whole block outputs (CLS row included) is returned in
+                ``layer_sums`` under that tuple (SC-CLIP's fusion sum M); only the running
+                sums are kept.
+            last_block: also run the standard last block (q/k/v, x_cls); False leaves
+                them None (SC-CLIP never runs it) and needs ``capture_attention=False``.
         """
         block_edits = block_edits or {}
+        if capture_attention and not last_block:
+            raise ValueError('capture_attention needs the standard last block (last_block).')
         ph, pw = self.patch_size
         if crops.shape[-2] % ph or crops.shape[-1] % pw:
             raise ValueError(f'crop size {tuple(crops.shape[-2:])} is not a multiple of the '
@@ -131,15 +147,25 @@ class DenseCLIPEncoder(nn.Module):
         grid = (crops.shape[-2] // ph, crops.shape[-1] // pw)
         blocks = self.visual.transformer.resblocks
         mid_layers = {self.block_index(layer) for layer in mid_layers}
+        layer_sums = {tuple(self.block_index(layer) for layer in layers): tuple(layers)
+                      for layers in layer_sums}
 
         x = self._embed(crops, grid)
-        mid_features = {}
+        mid_features, sums = {}, {}
         for index, block in enumerate(blocks[:-1]):
             edit = block_edits.get(index)
             x = self.run_block(block, x) if edit is None else self._enhanced_block(block, x,
                                                                                   *edit)
             if index in mid_layers:
                 mid_features[index] = x[:, 1:]
+            for layers in layer_sums:
+                if index in layers:
+                    sums[layers] = x.float() if layers not in sums else sums[layers] + x
+        sums = {requested: sums[layers] for layers, requested in layer_sums.items()
+                if layers}
+        if not last_block:
+            return EncodedCrops(grid=grid, block_input=x, q=None, k=None, v=None, x_cls=None,
+                                mid_features=mid_features, layer_sums=sums)
         last = blocks[-1]
         q, k, v = self._qkv(last, x)
 
@@ -151,7 +177,7 @@ class DenseCLIPEncoder(nn.Module):
 
         attention = standard_attention(q, k) if capture_attention else None
         return EncodedCrops(grid=grid, block_input=x, q=q, k=k, v=v, x_cls=x_cls,
-                            attention=attention, mid_features=mid_features)
+                            attention=attention, mid_features=mid_features, layer_sums=sums)
 
     def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """An earlier block as CLIP runs it (torch's fused attention); ``compile_blocks``
@@ -192,6 +218,9 @@ class DenseCLIPEncoder(nn.Module):
             logit_bias: (B, T, T) extra attention logits for every head (stage 2).
             probs_hook: edits the dense attention P (B, H, T, T) before P @ V (stage 3).
         """
+        if self.variant is None:
+            raise ValueError("attention='scclip' has its own last block: "
+                             'scclip.SCCLIPHead (CropPipeline.dense_block runs it).')
         last = self.visual.transformer.resblocks[-1]
         bias = None if logit_bias is None else logit_bias.unsqueeze(1).to(encoded.q.dtype)
         if self.variant.gaussian_window:

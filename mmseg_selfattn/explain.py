@@ -117,6 +117,10 @@ def explain(model, image: ImageInput) -> StageMaps:
     ``mmseg.apis.inference_model`` takes it (``np.asarray(pil_image)[..., ::-1]`` for
     PIL). The model should come from ``mmseg.apis.init_model`` (its ``cfg`` gives the
     test pipeline); without one the image is used at its own size."""
+    if getattr(model.pipeline, 'scclip', None) is not None:
+        raise ValueError("explain() maps the last block's attention A and cos(X, x_cls), which "
+                         "attention='scclip' never computes (SC-CLIP has no standard last "
+                         'block); use another attention variant.')
     if isinstance(image, (str, Path)):
         bgr = decode_image_file(str(image), 'color', 'cv2', None)
         data = dict(img_path=str(image))

@@ -28,6 +28,10 @@ class ReferenceEncoder(DenseCLIPEncoder):
     in ``dtype``."""
 
     def __init__(self, encoder: DenseCLIPEncoder, dtype: torch.dtype = torch.float16):
+        if encoder.variant is None:
+            raise NotImplementedError("the reference loop has no published-style SC-CLIP "
+                                      "block (attention='scclip'); tests/test_scclip.py "
+                                      'holds its re-derivation.')
         visual = copy.deepcopy(encoder.visual).to(dtype)
         super().__init__(visual, encoder.attention_name, encoder.gaussian_std)
         self.dtype = dtype

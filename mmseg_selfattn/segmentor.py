@@ -58,6 +58,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
     Args (one line each; docs/config_keys.md has the details and allowed values):
         clip: ``dict(arch, pretrained, quick_gelu=None)`` for ``load_clip``.
         attention / gaussian_std: dense variant of the last block; naclip's window std.
+        scclip_cfg: SC-CLIP's settings for attention='scclip' (``scclip.SCCLIPHead``).
         name_path / class_names: a class-name file (one class per line, synonyms
             separated by ',' / ';'), or the class lines themselves.
         slide_crop / slide_stride: sliding window in pixels; 0 = the whole image (its
@@ -84,6 +85,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                  clip: Optional[dict] = None,
                  attention: str = 'naclip',
                  gaussian_std: float = 5.0,
+                 scclip_cfg: Optional[dict] = None,
                  name_path: Optional[str] = None,
                  class_names: Optional[Sequence[str]] = None,
                  slide_crop: int = 224,
@@ -236,6 +238,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         """Dense patch features X (B, N, D) of inputs taken as crops."""
         encoder = self.pipeline.encoder
         inputs, _ = pad_to_patch_multiple(inputs, encoder.patch_size)
+        if self.pipeline.scclip is not None:  # SC-CLIP's own last block
+            return self.pipeline.dense_block(self.pipeline.encode_crops(inputs), None)
         return encoder.dense_features(encoder.encode(inputs))
 
     def encode_decode(self, inputs: Tensor, batch_img_metas: List[dict]) -> Tensor:

@@ -122,6 +122,9 @@ def predict_variants(variants: Sequence[SelfAttnCLIPSegmentor], inputs: torch.Te
     first = variants[0]  # all share the encoder's weights
     capture = any(variant.pipeline.needs_attention for variant in variants)
     mid_layers = sorted({layer for variant in variants for layer in variant.pipeline.mid_layers})
+    layer_sums = tuple(dict.fromkeys(layers for variant in variants
+                                     for layers in variant.pipeline.layer_sums))
+    last_block = any(variant.pipeline.needs_last_block for variant in variants)  # not scclip
     data_samples, images, metas = first.unpad_batch(inputs, data_samples)
     batches = list(first.engine.image_groups(images, [tuple(meta['ori_shape'][:2])
                                                       for meta in metas]))
@@ -131,7 +134,8 @@ def predict_variants(variants: Sequence[SelfAttnCLIPSegmentor], inputs: torch.Te
         key = repr(sorted(variant.pipeline.block_edits.items()))
         if key not in encodings:
             encodings[key] = [(indices, batch, merge,
-                               [variant.pipeline.encode_crops(crops, capture, mid_layers)
+                               [variant.pipeline.encode_crops(crops, capture, mid_layers,
+                                                              layer_sums, last_block)
                                 for crops in variant.engine.crop_batches(batch, merge)])
                               for indices, batch, merge in batches]
         return encodings[key]

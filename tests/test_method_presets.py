@@ -1,5 +1,6 @@
 """Every published-method preset against the settings of its public repository
-(../shared/PUBLISHED_SETTINGS.md, transcribed below and checked against that file)."""
+(../shared/PUBLISHED_SETTINGS.md and, for SC-CLIP, ../shared/methods/sc-clip.md, transcribed
+below and checked against those files)."""
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from mmseg_selfattn.benchmarks import BENCHMARKS, dataset_cfg_of, method_config
 
 CONFIGS = REPO_ROOT / 'configs'
 SETTINGS_FILE = REPO_ROOT.parent / 'shared' / 'PUBLISHED_SETTINGS.md'
+SCCLIP_FILE = REPO_ROOT.parent / 'shared' / 'methods' / 'sc-clip.md'
 
 # "Defaults of each segmentor class"
 CLASS_DEFAULTS = {
@@ -20,6 +22,13 @@ CLASS_DEFAULTS = {
                    slide_crop=224, slide_stride=112, pamr_steps=10, pamr_stride=(8, 16)),
     'clearclip': dict(attention='clearclip', logit_scale=50, prob_thd=0, area_thd=0,
                       slide_crop=448, slide_stride=224, pamr_steps=0),
+    # sc-clip.md §5 (SCLIP's segmentor) and §3 (its five arguments and hard-coded values)
+    'scclip': dict(attention='scclip', logit_scale=40, prob_thd=0, area_thd=0, slide_crop=224,
+                   slide_stride=112, pamr_steps=0, pamr_stride=(8, 16), precision='auto',
+                   scclip_cfg=dict(anomaly_neighbours=30, anomaly_contamination=0.05,
+                                   pre_layer=8, post_layer=3, similarity_threshold=0.4,
+                                   similarity_scale=3.0, fusion_layers=(3, 4, 5, 6, 7, 8, 9),
+                                   cls_residual=0.3)),
 }
 # "Per-dataset settings": short side and what each dataset config sets over the defaults
 PER_DATASET = {
@@ -41,12 +50,27 @@ PER_DATASET = {
                        clearclip=dict(short=448, slide_crop=224)),
     'ade20k': dict(sclip=dict(short=336), naclip=dict(short=336), clearclip=dict(short=448)),
 }
+# sc-clip.md §5, "Segmentor defaults and per-benchmark settings"
+SCCLIP_PER_DATASET = {
+    'voc21': dict(short=336, logit_scale=50, prob_thd=0.15, area_thd=0.1),
+    'context60': dict(short=336, prob_thd=0.15),
+    'coco_object': dict(short=336, logit_scale=55, prob_thd=0.35),
+    'voc20': dict(short=336),
+    'context59': dict(short=336),
+    'coco_stuff164k': dict(short=336),
+    'cityscapes': dict(short=560),
+    'ade20k': dict(short=336),
+}
+for bench, settings in SCCLIP_PER_DATASET.items():
+    PER_DATASET[bench]['scclip'] = settings
 # "Published mIoU": the SCLIP and NACLIP READMEs; ClearCLIP's per-benchmark figures are
 # its paper's (PUBLISHED_SETTINGS gives their average, 38.1)
 PUBLISHED_MIOU = {
     'sclip': (59.63, 31.74, 33.52, 81.54, 34.46, 22.77, 32.34, 16.45),
     'naclip': (64.07, 34.99, 36.19, 83.03, 38.35, 25.69, 38.27, 19.05),
     'clearclip': (51.8, 32.6, 33.0, 80.9, 35.9, 23.9, 30.0, 16.7),
+    # sc-clip.md §6: the radar chart of the SC-CLIP README (figs/scclip.jpg)
+    'scclip': (64.6, 36.8, 37.7, 84.3, 40.1, 26.6, 41.0, 20.1),
 }
 CLASS_FILES = dict(coco_stuff164k='coco_stuff')
 PRESETS = [(method, bench) for method in CLASS_DEFAULTS for bench in BENCHMARKS]
@@ -64,6 +88,8 @@ def test_preset_matches_published_settings(method, bench):
     cfg = Config.fromfile(str(path))
     for key, value in expected_settings(method, bench).items():
         actual = cfg.model[key]
+        if key == 'scclip_cfg':
+            actual = dict(actual, fusion_layers=tuple(actual['fusion_layers']))
         assert (tuple(actual) if key == 'pamr_stride' else actual) == value, key
     resize = [t for t in dataset_cfg_of(cfg)['pipeline']
               if t['type'] == 'AtLeastOnePixelResize']
@@ -79,6 +105,52 @@ def test_preset_matches_published_settings(method, bench):
 
 def test_clearclip_paper_figures_average_to_the_published_average():
     assert round(sum(PUBLISHED_MIOU['clearclip']) / 8, 1) == 38.1
+
+
+def test_scclip_presets_build_the_scclip_head():
+    """The preset's scclip_cfg reaches the head unchanged (ViT-B/16 has 12 blocks: the
+    layers are valid), and the standard last block is not run."""
+    from mmseg_selfattn.scclip import SCCLIPHead
+    cfg = Config.fromfile(str(method_config('scclip', 'voc21', CONFIGS)))
+    head = SCCLIPHead(**cfg.model.scclip_cfg)
+    head.resolve_layers(12)
+    assert (head.pre_layer, head.post_layer, head.fusion_layers) == (8, 3, tuple(range(3, 10)))
+
+
+SCCLIP_ROW_TO_BENCH = {'VOC21': 'voc21', 'Context60': 'context60', 'COCO-Object': 'coco_object',
+                       'VOC20': 'voc20', 'Context59': 'context59',
+                       'COCO-Stuff164k': 'coco_stuff164k', 'Cityscapes': 'cityscapes',
+                       'ADE20K': 'ade20k'}
+
+
+@pytest.mark.skipif(not SCCLIP_FILE.is_file(), reason=f'{SCCLIP_FILE} not beside the repo')
+def test_scclip_transcription_matches_the_method_file():
+    text = SCCLIP_FILE.read_text().replace('**', '')
+    rows = [[cell.strip() for cell in line.strip().strip('|').split('|')]
+            for line in text.splitlines() if line.startswith('| ')]
+    per_dataset = {SCCLIP_ROW_TO_BENCH[row[0]]: parse_cell(row[1]) for row in rows
+                   if row[0] in SCCLIP_ROW_TO_BENCH and len(row) == 3}
+    assert per_dataset == SCCLIP_PER_DATASET
+    defaults = next(row for row in rows if row[0].startswith('SC-CLIP ('))
+    crop, stride = map(int, re.findall(r'\d+', defaults[4]))
+    assert (float(defaults[1]), float(defaults[2]), defaults[3], crop, stride) == (
+        40, 0, 'none', CLASS_DEFAULTS['scclip']['slide_crop'],
+        CLASS_DEFAULTS['scclip']['slide_stride'])
+    assert defaults[5].startswith('off')
+    header = next(index for index, row in enumerate(rows) if row[:2] == ['VOC21', 'PC60'])
+    published = tuple(map(float, rows[header + 2][:8]))
+    assert published == PUBLISHED_MIOU['scclip']
+    assert float(rows[header + 2][8]) == round(sum(published) / 8, 1) == 43.9
+    # §3: the code's defaults are the preset's scclip_cfg
+    code = {row[0].strip('`'): row[2] for row in rows if row[0].startswith('`')}
+    cfg = CLASS_DEFAULTS['scclip']['scclip_cfg']
+    assert (float(code['pre_adjust_idx']), float(code['post_adjust_idx'])) == (
+        cfg['pre_layer'], cfg['post_layer'])
+    assert tuple(range(*map(int, code['multi_start_idx`, `multi_end_idx'].split(', ')))) == \
+        cfg['fusion_layers']
+    assert (float(code['res_cls']), float(code['beta'])) == (cfg['cls_residual'],
+                                                            cfg['similarity_threshold'])
+    assert code['n_neighbors`, `contamination'] == '30, 0.05'
 
 
 def parse_cell(cell: str) -> dict:

@@ -14,6 +14,11 @@ model = dict(
     clip=dict(arch='ViT-B-16', pretrained='openai'),
     attention='naclip',
     gaussian_std=5.0,
+    # SC-CLIP's settings, read by attention='scclip' only (0-based blocks of ViT-B/16)
+    scclip_cfg=dict(
+        anomaly_neighbours=30, anomaly_contamination=0.05, pre_layer=8, post_layer=3,
+        similarity_threshold=0.4, similarity_scale=3.0, fusion_layers=(3, 4, 5, 6, 7, 8, 9),
+        cls_residual=0.3),
     name_path=None,  # set by each leaf config from its dataset base
     slide_crop=224,
     slide_stride=112,
