@@ -46,6 +46,7 @@ METHOD_CONFIGS: Dict[str, str] = {
     'naclip': 'methods/naclip/naclip_vit-b16_{}.py',
     'clearclip': 'methods/clearclip/clearclip_vit-b16_{}.py',
     'scclip': 'methods/scclip/scclip_vit-b16_{}.py',
+    'resclip': 'methods/resclip/resclip_vit-b16_{}.py',
     'selfattn': 'selfattn/selfattn_vit-b16_{}.py',
     'selfattn-full': 'selfattn/selfattn-full_vit-b16_{}.py',
 }

@@ -8,6 +8,9 @@
             dense_block()         2 similarity bias on the logits; last block in the
                                     `attention` variant (3 'attention' mode edits P) -> X
                                     (attention='scclip': scclip.SCCLIPHead, stages 2-6 off)
+                                    (ResCLIP: RCS mixes A_c into P; SFR runs pass 1, the
+                                    block with RCS only -> classify -> labels -> Ŝ, then
+                                    pass 2 with Ŝ in the logits)
             3 self-attention enhancement ('feature' mode rescales X)
             4 outlier suppression   replaces high A[cls,i]/A[i,i] tokens
             5 global debias         removes x_cls from X
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 
 from .config_checks import check_number, init_defaults
 from .encoder import DenseCLIPEncoder, EncodedCrops
+from .resclip import build_resclip
 from .scclip import build_scclip
 from .stages import PIPELINE_STAGES, build_stage
 from .stages.global_debias import cls_logit_bias
@@ -35,7 +39,8 @@ from .stages.self_attn_enhancement import enhanced_attention, self_attention_def
 from .text_classifier import ClassNames, TextClassifier, query_to_class_index
 
 # keys of the pipeline: the dense last block, stages 2-6 and the classifier
-PIPELINE_KEYS = ('attention', 'gaussian_std', 'scclip_cfg', 'cls_token_lambda',
+PIPELINE_KEYS = ('attention', 'gaussian_std', 'scclip_cfg', 'apply_rcs', 'rcs_cfg', 'apply_sfr',
+                 'sfr_cfg', 'cls_token_lambda',
                  *(f'{prefix}{name}{suffix}' for name in PIPELINE_STAGES
                    for prefix, suffix in (('apply_', ''), ('', '_cfg'))))
 STAGE_GRAPHS = 64  # compiled variants of the stages per process
@@ -53,6 +58,10 @@ class CropPipeline(nn.Module):
         compile: ``torch.compile`` blocks 1..L-1 and stages 2-7.
         attention, gaussian_std: the dense last block (``DenseCLIPEncoder``).
         scclip_cfg: SC-CLIP's settings (``scclip.SCCLIPHead``), used by attention='scclip'.
+        apply_rcs / rcs_cfg, apply_sfr / sfr_cfg: ResCLIP's two modules in the dense block
+            (``resclip.ResidualCrossCorrelation``, ``resclip.SemanticFeedback``).
+        logit_scale: the segmentor's softmax temperature, which SFR's pass 1 also uses
+            (not a ``PIPELINE_KEYS`` entry: the segmentor passes its post-processing one).
         cls_token_lambda: logit-level CLS debias (SPEC §1.5), 0 = off.
         apply_<stage> / <stage>_cfg: stages 2-6.
 
@@ -64,8 +73,10 @@ class CropPipeline(nn.Module):
     def __init__(self, visual: nn.Module, text_classifier: TextClassifier,
                  class_names: ClassNames, vit_dtype: torch.dtype = torch.float32,
                  compile: bool = False, attention: str = 'naclip', gaussian_std: float = 5.0,
-                 scclip_cfg: Optional[dict] = None, cls_token_lambda: float = 0.0,
-                 **stage_keys):
+                 scclip_cfg: Optional[dict] = None, apply_rcs: bool = False,
+                 rcs_cfg: Optional[dict] = None, apply_sfr: bool = False,
+                 sfr_cfg: Optional[dict] = None, logit_scale: float = 40.0,
+                 cls_token_lambda: float = 0.0, **stage_keys):
         super().__init__()
         self.__dict__['_visual'] = visual  # registered once, as encoder.visual
         self.text_classifier = text_classifier
@@ -78,10 +89,14 @@ class CropPipeline(nn.Module):
         self.timer = self.recorder = self.stage_check = None
         self.serial = next(_SERIALS)  # identifies these settings (CUDA-graph keys)
         self.settings = dict(attention=attention, gaussian_std=gaussian_std,
-                             scclip_cfg=scclip_cfg, cls_token_lambda=cls_token_lambda,
-                             **stage_keys)
+                             scclip_cfg=scclip_cfg, apply_rcs=apply_rcs, rcs_cfg=rcs_cfg,
+                             apply_sfr=apply_sfr, sfr_cfg=sfr_cfg, logit_scale=logit_scale,
+                             cls_token_lambda=cls_token_lambda, **stage_keys)
         self.encoder = DenseCLIPEncoder(visual, attention, gaussian_std)
         self.scclip = build_scclip(attention, scclip_cfg, self.encoder.num_blocks)
+        self.rcs, self.sfr = build_resclip(attention, apply_rcs, rcs_cfg, apply_sfr, sfr_cfg,
+                                           self.encoder.num_blocks)
+        self.logit_scale = check_number('logit_scale', logit_scale, 0, low_open=True)
         if compile:  # on this encoder instance only (a reference copy stays eager)
             self.encoder.compile_blocks()
         self.cls_token_lambda = check_number('cls_token_lambda', cls_token_lambda)
@@ -96,9 +111,12 @@ class CropPipeline(nn.Module):
         self._check_stage_compatibility(attention)
         attention_mode = (self.self_attn_enhancement is not None
                           and self.self_attn_enhancement.mode == 'attention')
+        self._check_resclip_compatibility(attention_mode)
+        resclip = repr(self.rcs) + repr(self.sfr) + (
+            f'logit_scale={self.logit_scale}' if self.sfr is not None else '')
         # what decides the dense block's output (its memo key in EncodedCrops)
         self.dense_key = (attention, self.encoder.gaussian_std,
-                          repr(self.similarity_enhancement) + repr(self.scclip),
+                          repr(self.similarity_enhancement) + repr(self.scclip) + resclip,
                           repr(self.self_attn_enhancement) if attention_mode else None)
         self.plain_dense_key = self.dense_key[:3] + (None, )  # without stage 3's edit
         # layer-wise enhancement of earlier blocks (part of the encoding)
@@ -112,9 +130,10 @@ class CropPipeline(nn.Module):
     def with_settings(self, **overrides) -> 'CropPipeline':
         """A pipeline on the same ViT weights and text classifier whose ``PIPELINE_KEYS``
         are these settings with ``overrides`` (a ``<stage>_cfg`` replaces the whole cfg)."""
-        unknown = sorted(set(overrides) - set(PIPELINE_KEYS))
+        unknown = sorted(set(overrides) - {*PIPELINE_KEYS, 'logit_scale'})
         if unknown:
-            raise ValueError(f'{unknown} are not pipeline keys; it takes {list(PIPELINE_KEYS)}.')
+            raise ValueError(f'{unknown} are not pipeline keys; it takes {list(PIPELINE_KEYS)} '
+                             "(and 'logit_scale').")
         variant = CropPipeline(self._visual, self.text_classifier, self.class_names,
                                self.vit_dtype, False, **{**self.settings, **overrides})
         variant.compile = self.compile  # compiled stages; its blocks run eagerly
@@ -132,15 +151,20 @@ class CropPipeline(nn.Module):
 
     def encode_crops(self, crops: Tensor, capture_attention: bool = False,
                      mid_layers: Sequence[int] = (), layer_sums: Sequence[tuple] = (),
-                     last_block: bool = False) -> EncodedCrops:
+                     last_block: bool = False,
+                     attention_means: Sequence[tuple] = ()) -> EncodedCrops:
         """Stage 1: blocks 1..L-1 and what the later stages need from them, for this
         pipeline's stages, plus the attention / mid layers / layer sums / standard last
-        block asked for (tools/sweep.py encodes once for several variants)."""
+        block / attention means asked for (tools/sweep.py encodes once for several
+        variants). The crops are kept in the result (SFR's PAMR guide)."""
         layer_sums = tuple(dict.fromkeys((*self.layer_sums, *layer_sums)))
+        attention_means = tuple(dict.fromkeys((*self.attention_means, *attention_means)))
         last_block = last_block or self.needs_last_block
-        # only SC-CLIP asks for these (the reference loop's encoder takes neither)
+        # only SC-CLIP / ResCLIP ask for these (the reference loop's encoder takes none)
         scclip_keys = ({} if last_block and not layer_sums
                        else dict(layer_sums=layer_sums, last_block=last_block))
+        if attention_means:
+            scclip_keys['attention_means'] = attention_means
         with self._timed('encode'):
             encoded = self.encoder.encode(
                 crops.to(self.vit_dtype),
@@ -149,6 +173,7 @@ class CropPipeline(nn.Module):
                 mid_layers=(tuple(sorted({*self.mid_layers, *mid_layers})) if mid_layers
                             else self.mid_layers), block_edits=self.block_edits,
                 **scclip_keys)
+        encoded.crops = crops
         self._check('encode', encoded.x_cls, encoded.attention)
         return encoded
 
@@ -247,12 +272,39 @@ class CropPipeline(nn.Module):
             with self._timed('self_attn_enhancement'):  # edits P in the block
                 probs_hook = self_attn.probs_hook(deficit, strength)
         with self._timed('dense_block'):
-            features = (self.scclip(self.encoder.visual, encoded) if self.scclip is not None
-                        else self.encoder.dense_features(encoded, attention_bias, probs_hook))
+            if self.scclip is not None:
+                features = self.scclip(self.encoder.visual, encoded)
+            elif self.rcs is not None or self.sfr is not None:
+                features = self._resclip_features(encoded, attention_bias, probs_hook)
+            else:
+                features = self.encoder.dense_features(encoded, attention_bias, probs_hook)
         self._check('dense block' + (' with self-attention enhancement' if probs_hook else ''),
                     features)
         encoded.dense_memo[key] = features
         return features
+
+    def _resclip_features(self, encoded: EncodedCrops, attention_bias: Optional[Tensor],
+                          probs_hook) -> Tensor:
+        """ResCLIP's dense block: RCS's hook on P (both passes); with SFR, pass 1 (the
+        block with RCS, no stage-2 bias or stage-3 edit, classified without x_cls) gives
+        Ŝ, and pass 2 transforms every logit term by it before the window and the bias.
+        Stage 3's 'attention' hook (refused with RCS) runs after RCS's."""
+        rcs = None if self.rcs is None else self.rcs.hook(encoded)
+        hook = rcs if probs_hook is None else (probs_hook if rcs is None else
+                                              _composed(rcs, probs_hook))
+        if self.sfr is None:
+            return self.encoder.dense_features(encoded, attention_bias, hook)
+        if encoded.crops is None:
+            raise ValueError('apply_sfr=True needs the crops in the encoding (SFR guides '
+                             "pass 1's PAMR with them): encode with CropPipeline.encode_crops.")
+        with self._timed('sfr_pass1'):
+            pass1 = self.encoder.dense_features(encoded, None, rcs)
+            logits = self.classify(pass1.float()).transpose(1, 2).unflatten(-1, encoded.grid)
+            s_hat = self.sfr.affinity(logits, encoded.crops, self.logit_scale,
+                                      self.encoder.patch_size, self.encoder.gaussian_std)
+        self._check('SFR pass 1', logits, s_hat)
+        return self.encoder.dense_features(encoded, attention_bias, hook,
+                                           self.sfr.transform(s_hat))
 
     def enhancement_inputs(self, encoded: EncodedCrops) -> Tuple[Tensor, object]:
         """Stage 3's deficit e (B, N) and strength (s, or s_i per token). With
@@ -293,6 +345,18 @@ class CropPipeline(nn.Module):
             outlier_scores=getattr(outliers, 'last_scores', None),
             outlier_indices=getattr(outliers, 'last_outlier_indices', None),
             ctd_labels=getattr(ctd, 'last_labels', None))
+
+    def _check_resclip_compatibility(self, attention_mode: bool) -> None:
+        """RCS changes the row sum of P to τ_r (τ_r (2 - λ_r) for sclip), which stage 3's
+        'attention' mode assumes to be 1 (2): refused together. SFR keeps the row sums."""
+        self.attention_means: Tuple[tuple, ...] = (
+            (self.rcs.layers, ) if self.rcs is not None else ())
+        if self.rcs is not None and attention_mode:
+            raise ValueError(
+                "apply_rcs=True cannot combine with apply_self_attn_enhancement=True in "
+                "mode='attention': RCS scales the rows of P to sum to tau_r, and stage 3's "
+                "boost of P assumes rows summing to 1 (2 for sclip); use mode='feature' or "
+                'switch one off (docs/stages.md#resclip).')
 
     def _check_stage_compatibility(self, attention: str) -> None:
         self.layer_sums: Tuple[tuple, ...] = ()  # SC-CLIP's fusion sum
@@ -339,6 +403,13 @@ class CropPipeline(nn.Module):
 
     def _timed(self, stage: str):
         return self.timer(stage) if self.timer is not None else nullcontext()
+
+
+def _composed(first, second):
+    """The probs hook ``second(first(P))``."""
+    def hook(probs: Tensor) -> Tensor:
+        return second(first(probs))
+    return hook
 
 
 _COMPILED_STAGES = []

@@ -14,9 +14,10 @@ block keeps its residual and FFN:
 | gated     | softmax(sigmoid(q q^T) * (k k^T))          | dropped        |
 
 Extra logits (``logit_bias``, e.g. stage 2's similarity) are added to every
-term before its softmax. Without a probability hook the terms run through
-fused ``scaled_dot_product_attention``; the explicit path materialises P for
-hooks that edit it (stage 3, attention mode).
+term before its softmax; a ``logit_transform`` (ResCLIP's SFR) edits each term's
+scaled logits before that bias. Without a probability hook or a transform the
+terms run through fused ``scaled_dot_product_attention``; the explicit path
+materialises P for hooks that edit it (stage 3, attention mode; ResCLIP's RCS).
 """
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 ProbsHook = Callable[[torch.Tensor], torch.Tensor]
+# (B, H, T, T) fp32 scaled logits of one term -> the same, before the bias (ResCLIP's SFR)
+LogitTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ def dense_attention(variant: DenseVariant,
                     k: torch.Tensor,
                     v: torch.Tensor,
                     logit_bias: Optional[torch.Tensor] = None,
-                    probs_hook: Optional[ProbsHook] = None) -> torch.Tensor:
+                    probs_hook: Optional[ProbsHook] = None,
+                    logit_transform: Optional[LogitTransform] = None) -> torch.Tensor:
     """Head outputs of a dense variant.
 
     Args:
@@ -75,6 +79,8 @@ def dense_attention(variant: DenseVariant,
         logit_bias: added to the scaled logits of every term, broadcastable to
             (B, H, T, T); may contain -inf (never a whole row).
         probs_hook: edits the summed attention P (B, H, T, T) before P @ V.
+        logit_transform: edits each term's scaled fp32 logits (B, H, T, T) before
+            ``logit_bias`` is added (ResCLIP's SFR: before naclip's window too).
 
     Returns:
         (B, H, T, d).
@@ -82,10 +88,10 @@ def dense_attention(variant: DenseVariant,
     if not variant.terms:  # maskclip: each token keeps its own value
         return v
     sources = {'q': q, 'k': k}
-    if probs_hook is None and not variant.gated:
+    if probs_hook is None and logit_transform is None and not variant.gated:
         return sum(F.scaled_dot_product_attention(sources[a], sources[b], v, attn_mask=logit_bias)
                    for a, b in variant.terms)
-    probs = attention_probs(variant, q, k, logit_bias)
+    probs = attention_probs(variant, q, k, logit_bias, logit_transform)
     if probs_hook is not None:
         probs = probs_hook(probs)
     return probs @ v
@@ -94,12 +100,19 @@ def dense_attention(variant: DenseVariant,
 def attention_probs(variant: DenseVariant,
                     q: torch.Tensor,
                     k: torch.Tensor,
-                    logit_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The variant's attention P (B, H, T, T), softmax in fp32; rows sum to ``row_sum``."""
+                    logit_bias: Optional[torch.Tensor] = None,
+                    logit_transform: Optional[LogitTransform] = None) -> torch.Tensor:
+    """The variant's attention P (B, H, T, T), softmax in fp32; rows sum to ``row_sum``.
+    ``logit_transform`` edits each term's scaled logits, before the bias (not with
+    ``gated``: its product of terms has no single logit to transform)."""
     scale = q.shape[-1]**-0.5
     sources = {'q': q, 'k': k}
     logits = [(sources[a] @ sources[b].transpose(-2, -1)).float() * scale
               for a, b in variant.terms]
+    if logit_transform is not None:
+        if variant.gated:
+            raise ValueError('a logit transform does not apply to the gated variant')
+        logits = [logit_transform(term) for term in logits]
     if variant.gated:
         logits = [torch.sigmoid(logits[0]) * logits[1]]
     if logit_bias is not None:

@@ -16,7 +16,9 @@ from torch import nn
 
 from . import attention_kernel
 from .config_checks import check_number
-from .dense_attention import DENSE_VARIANTS, ProbsHook, dense_attention, gaussian_window
+from .dense_attention import (DENSE_VARIANTS, LogitTransform, ProbsHook, dense_attention,
+                              gaussian_window)
+from .resclip import AttentionMean
 from .stages.self_attn_enhancement import boost_self_attention, self_attention_deficit
 
 BlockEdit = Tuple[str, float, float]  # (mode, strength, threshold) of an earlier block
@@ -40,6 +42,10 @@ class EncodedCrops:
     mid_features: Dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (B, N, C)
     # blocks -> (B, T, C) fp32 sum of their whole outputs, CLS row included (SC-CLIP's M)
     layer_sums: Dict[Tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    # blocks -> (B, H, T, T) fp32 mean of their per-head softmax(q k^T) (ResCLIP's A_c)
+    attention_means: Dict[Tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    # the crops (B, 3, H, W) as given to ``CropPipeline.encode_crops`` (ResCLIP's PAMR guide)
+    crops: Optional[torch.Tensor] = None
     # dense-block outputs X by the settings that decide them: segmentor variants with
     # equal dense settings share one (tools/sweep.py)
     dense_memo: Dict[tuple, torch.Tensor] = field(default_factory=dict)
@@ -120,7 +126,8 @@ class DenseCLIPEncoder(nn.Module):
                mid_layers: Sequence[int] = (),
                block_edits: Optional[Dict[int, BlockEdit]] = None,
                layer_sums: Sequence[Tuple[int, ...]] = (),
-               last_block: bool = True) -> EncodedCrops:
+               last_block: bool = True,
+               attention_means: Sequence[Tuple[int, ...]] = ()) -> EncodedCrops:
         """Run the ViT on crops (B, 3, H, W), H and W multiples of the patch size.
 
         Args:
@@ -136,6 +143,10 @@ class DenseCLIPEncoder(nn.Module):
                 sums are kept.
             last_block: also run the standard last block (q/k/v, x_cls); False leaves
                 them None (SC-CLIP never runs it) and needs ``capture_attention=False``.
+            attention_means: tuples of 0-based block indices (not the last): the fp32 mean
+                of each tuple's per-head attention softmax(q k^T) (B, H, T, T) is returned
+                in ``attention_means`` under that tuple (ResCLIP's A_c). These blocks run
+                explicitly (one attention, its weights kept); only running sums are kept.
         """
         block_edits = block_edits or {}
         if capture_attention and not last_block:
@@ -150,12 +161,20 @@ class DenseCLIPEncoder(nn.Module):
         layer_sums = {tuple(self.block_index(layer) for layer in layers): tuple(layers)
                       for layers in layer_sums}
 
+        means = {tuple(self.block_index(layer) for layer in layers): AttentionMean()
+                 for layers in attention_means}
+
         x = self._embed(crops, grid)
         mid_features, sums = {}, {}
         for index, block in enumerate(blocks[:-1]):
             edit = block_edits.get(index)
-            x = self.run_block(block, x) if edit is None else self._enhanced_block(block, x,
-                                                                                  *edit)
+            keep = [mean for layers, mean in means.items() if index in layers]
+            if edit is not None:
+                x = self._enhanced_block(block, x, *edit, keep=keep)
+            elif keep:
+                x = self._enhanced_block(block, x, None, 0.0, 0.0, keep=keep)
+            else:
+                x = self.run_block(block, x)
             if index in mid_layers:
                 mid_features[index] = x[:, 1:]
             for layers in layer_sums:
@@ -163,9 +182,13 @@ class DenseCLIPEncoder(nn.Module):
                     sums[layers] = x.float() if layers not in sums else sums[layers] + x
         sums = {requested: sums[layers] for layers, requested in layer_sums.items()
                 if layers}
+        attention_means = {tuple(requested): means[tuple(self.block_index(layer)
+                                                         for layer in requested)].value()
+                           for requested in attention_means}
         if not last_block:
             return EncodedCrops(grid=grid, block_input=x, q=None, k=None, v=None, x_cls=None,
-                                mid_features=mid_features, layer_sums=sums)
+                                mid_features=mid_features, layer_sums=sums,
+                                attention_means=attention_means)
         last = blocks[-1]
         q, k, v = self._qkv(last, x)
 
@@ -177,7 +200,8 @@ class DenseCLIPEncoder(nn.Module):
 
         attention = standard_attention(q, k) if capture_attention else None
         return EncodedCrops(grid=grid, block_input=x, q=q, k=k, v=v, x_cls=x_cls,
-                            attention=attention, mid_features=mid_features, layer_sums=sums)
+                            attention=attention, mid_features=mid_features, layer_sums=sums,
+                            attention_means=attention_means)
 
     def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """An earlier block as CLIP runs it (torch's fused attention); ``compile_blocks``
@@ -192,13 +216,21 @@ class DenseCLIPEncoder(nn.Module):
         self.run_block = torch.compile(explicit_block, fullgraph=True, dynamic=False,
                                        options={'emulate_precision_casts': True})
 
-    def _enhanced_block(self, block: nn.Module, x: torch.Tensor, mode: str, strength: float,
-                        threshold: float) -> torch.Tensor:
+    def _enhanced_block(self, block: nn.Module, x: torch.Tensor, mode: Optional[str],
+                        strength: float, threshold: float,
+                        keep: Sequence[AttentionMean] = ()) -> torch.Tensor:
         """An earlier block with self-attention enhancement from its own attention A:
         'attention' boosts the diagonal of its softmax attention (rows renormalised),
-        'feature' scales its output patch tokens by (1 + s e_i)."""
+        'feature' scales its output patch tokens by (1 + s e_i); ``mode=None``: the block
+        as it is, explicitly. Its per-head attention (before any boost) is added to every
+        running mean of ``keep`` (ResCLIP's RCS)."""
         q, k, v = self._qkv(block, x)
         probs = head_attention(q, k)
+        for mean in keep:
+            mean.add(probs)
+        if mode is None:
+            x = x + block.ls_1(self._merge_heads(block, probs.to(v.dtype) @ v))
+            return x + block.ls_2(block.mlp(block.ln_2(x)))
         deficit = self_attention_deficit(probs.mean(dim=1), threshold)
         if mode == 'attention':
             probs = boost_self_attention(probs, deficit, strength)
@@ -211,12 +243,16 @@ class DenseCLIPEncoder(nn.Module):
 
     # -- stage 1b: the dense last block ---------------------------------------------------
     def dense_features(self, encoded: EncodedCrops, logit_bias: Optional[torch.Tensor] = None,
-                       probs_hook: Optional[ProbsHook] = None) -> torch.Tensor:
+                       probs_hook: Optional[ProbsHook] = None,
+                       logit_transform: Optional[LogitTransform] = None) -> torch.Tensor:
         """Patch features X (B, N, D) of the last block recomputed in the dense variant.
 
         Args:
             logit_bias: (B, T, T) extra attention logits for every head (stage 2).
-            probs_hook: edits the dense attention P (B, H, T, T) before P @ V (stage 3).
+            probs_hook: edits the dense attention P (B, H, T, T) before P @ V (stage 3,
+                ResCLIP's RCS).
+            logit_transform: edits each scaled logit term before naclip's window and
+                ``logit_bias`` are added (ResCLIP's SFR).
         """
         if self.variant is None:
             raise ValueError("attention='scclip' has its own last block: "
@@ -227,7 +263,8 @@ class DenseCLIPEncoder(nn.Module):
             window = gaussian_window(encoded.grid, self.gaussian_std, encoded.q.device,
                                      encoded.q.dtype)
             bias = window if bias is None else bias + window
-        heads = dense_attention(self.variant, encoded.q, encoded.k, encoded.v, bias, probs_hook)
+        heads = dense_attention(self.variant, encoded.q, encoded.k, encoded.v, bias, probs_hook,
+                                logit_transform)
         x = self._merge_heads(last, heads)
         if self.variant.keep_residual:
             x = encoded.block_input + last.ls_1(x)

@@ -33,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config_checks import check_keys, check_number
 from .dense_attention import ProbsHook
-from .pamr import PAMR
+from .pamr import PAMR, build_pamr
+from .startup_log import log_enabled
 
 # 0-based indices of ResCLIP's RCS blocks (6..9), hard-coded also for ViT-L/14's 24
 RCS_LAYERS = (5, 6, 7, 8)
@@ -292,3 +294,161 @@ def sfr_matrix(labels: Tensor, gaussian_std: float, line_decay: bool = True,
     s_hat = F.pad(rows, (1, 0, 1, 0))
     peak = s_hat.amax(dim=(-2, -1), keepdim=True)
     return s_hat / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
+# -- the config: rcs_cfg / sfr_cfg (CropPipeline) -----------------------------------------
+RCS_CFG_KEY, SFR_CFG_KEY = 'rcs_cfg', 'sfr_cfg'
+# dense variants ResCLIP plugs into (naclip = ResCLIP's own 'resclip' branch)
+RESCLIP_ATTENTIONS = ('naclip', 'sclip', 'clearclip', 'vanilla')
+
+
+def _check_bool(key: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f'{key} must be True or False, got {value!r}.')
+    return value
+
+
+class ResidualCrossCorrelation:
+    """RCS (``apply_rcs``, ``rcs_cfg``): P <- τ_r ((1 - λ_r) P + λ_r A_c) in the dense last
+    block (both passes), A_c the per-head mean attention of blocks ``layers``.
+
+    Args:
+        layers: 0-based blocks 0..L-2 whose per-head softmax(q k^T) is averaged (the
+            published 5..8 = blocks 6-9, also for ViT-L/14); checked against the ViT by
+            ``resolve_layers``.
+        weight: λ_r in [0, 1].
+        scale: τ_r >= 0 (rows of P then sum to τ_r; τ_r (2 - λ_r) for sclip).
+    """
+
+    def __init__(self, layers: Sequence[int] = RCS_LAYERS, weight: float = 0.3,
+                 scale: float = 2.0):
+        key = RCS_CFG_KEY
+        if (not isinstance(layers, (list, tuple)) or not layers
+                or any(isinstance(layer, bool) or not isinstance(layer, int)
+                       for layer in layers)):
+            raise ValueError(f'{key}.layers must be a non-empty list of ints (0-based block '
+                             f'indices 0..L-2), got {layers!r}.')
+        if len(set(layers)) != len(layers):
+            raise ValueError(f'{key}.layers must name each block once, got {list(layers)}.')
+        self.layers = tuple(layers)
+        self.weight = check_number(f'{key}.weight', weight, 0, 1)
+        self.scale = check_number(f'{key}.scale', scale, 0)
+
+    def resolve_layers(self, num_blocks: int) -> None:
+        """One ValueError naming the key unless every layer is a block 0..L-2."""
+        bad = [layer for layer in self.layers if not 0 <= layer <= num_blocks - 2]
+        if bad:
+            raise ValueError(f'{RCS_CFG_KEY}.layers: {bad} out of range; the ViT has '
+                             f'{num_blocks} blocks and RCS averages earlier ones: use '
+                             f'0..{num_blocks - 2} (0-based), got {list(self.layers)}.')
+
+    def hook(self, encoded) -> ProbsHook:
+        """The probs hook of the dense block for ``encoded`` (its A_c captured)."""
+        return rcs_hook(encoded.attention_means[self.layers], self.weight, self.scale)
+
+    def __repr__(self) -> str:
+        return f'ResidualCrossCorrelation({self.extra_repr()})'
+
+    def extra_repr(self) -> str:
+        return f'layers={self.layers}, weight={self.weight}, scale={self.scale}'
+
+
+class SemanticFeedback:
+    """SFR (``apply_sfr``, ``sfr_cfg``): pass 1 (the dense block with RCS, stages 2-6
+    off) -> patch labels -> Ŝ; pass 2: every dense logit term G <- τ_s ((1 - λ_s) G +
+    λ_s Ŝ), before naclip's window and stage 2's bias.
+
+    Args:
+        weight: λ_s in [0, 1].
+        scale: τ_s >= 0.
+        threshold: ``temp_thd`` in [0, 1]: pass-1 pixels whose best query probability is
+            below it get query 0.
+        line_decay: ``delete_same_entity``: E_ij exp(-d_ij / M) where the line of sight
+            fails (every published config).
+        exact_line_of_sight: check the whole segment p_i -> p_j (the published code checks
+            only its first d_ij / M).
+        blur_std: σ of the raster blur; None = ``gaussian_std`` (published).
+        pamr_steps / pamr_stride: pass 1's PAMR (published 10, (8, 16), whatever the
+            segmentor's ``pamr_steps``); 0 steps = none.
+        half_precision_affinity: λ_s Ŝ computed in float16 as published; False: fp32.
+    """
+
+    def __init__(self, weight: float = 0.7, scale: float = 1.8, threshold: float = 0.3,
+                 line_decay: bool = True, exact_line_of_sight: bool = False,
+                 blur_std: Optional[float] = None, pamr_steps: int = PASS1_PAMR_STEPS,
+                 pamr_stride: Sequence[int] = PASS1_PAMR_DILATIONS,
+                 half_precision_affinity: bool = True):
+        key = SFR_CFG_KEY
+        self.weight = check_number(f'{key}.weight', weight, 0, 1)
+        self.scale = check_number(f'{key}.scale', scale, 0)
+        self.threshold = check_number(f'{key}.threshold', threshold, 0, 1)
+        self.line_decay = _check_bool(f'{key}.line_decay', line_decay)
+        self.exact_line_of_sight = _check_bool(f'{key}.exact_line_of_sight',
+                                               exact_line_of_sight)
+        self.blur_std = None if blur_std is None else check_number(
+            f'{key}.blur_std', blur_std, 0, low_open=True)
+        self.half_precision_affinity = _check_bool(f'{key}.half_precision_affinity',
+                                                   half_precision_affinity)
+        try:
+            self.pamr = build_pamr(pamr_steps, pamr_stride, None)
+        except ValueError as error:
+            raise ValueError(f'{key}.{error}') from None
+        self.pamr_steps = pamr_steps
+        self.pamr_stride = tuple(pamr_stride) if isinstance(pamr_stride, (list, tuple)) \
+            else (pamr_stride, )
+
+    def affinity(self, pass1_logits: Tensor, crops: Tensor, logit_scale: float,
+                 patch: Tuple[int, int], gaussian_std: float) -> Tensor:
+        """Ŝ (B, T, T) from pass 1's query logits on the patch grid (B, Q, h, w) and the
+        normalised crops (B, 3, H, W): bilinear to the crop size, PAMR, labels, Ŝ."""
+        logits = F.interpolate(pass1_logits, size=crops.shape[-2:], mode='bilinear')
+        labels = patch_labels(logits, crops, logit_scale, self.threshold, patch, self.pamr)
+        std = gaussian_std if self.blur_std is None else self.blur_std
+        return sfr_matrix(labels, std, self.line_decay, self.exact_line_of_sight)
+
+    def transform(self, s_hat: Tensor):
+        """Pass 2's ``logit_transform`` for ``dense_attention``."""
+        def transform(logits: Tensor) -> Tensor:
+            return sfr_logits(logits, s_hat, self.weight, self.scale,
+                              self.half_precision_affinity)
+        return transform
+
+    def __repr__(self) -> str:
+        return f'SemanticFeedback({self.extra_repr()})'
+
+    def extra_repr(self) -> str:
+        return (f'weight={self.weight}, scale={self.scale}, threshold={self.threshold}, '
+                f'line_decay={self.line_decay}, '
+                f'exact_line_of_sight={self.exact_line_of_sight}, blur_std={self.blur_std}, '
+                f'pamr_steps={self.pamr_steps}, pamr_stride={self.pamr_stride}, '
+                f'half_precision_affinity={self.half_precision_affinity}')
+
+
+def _build_part(enabled, cfg, key: str, cls: type, switch: str):
+    _check_bool(switch, enabled)
+    if cfg is not None and not isinstance(cfg, dict):
+        raise ValueError(f'{key} must be a dict (docs/config_keys.md), got {cfg!r}.')
+    check_keys(key, cfg or {}, cls)
+    part = cls(**(cfg or {}))  # checked even when off: a typo never passes
+    return part if enabled else None
+
+
+def build_resclip(attention: str, apply_rcs, rcs_cfg: Optional[dict], apply_sfr,
+                  sfr_cfg: Optional[dict], num_blocks: int
+                  ) -> Tuple[Optional[ResidualCrossCorrelation], Optional[SemanticFeedback]]:
+    """ResCLIP's RCS and SFR for the pipeline (None where off), their cfgs checked either
+    way; one ValueError naming the key. Each enabled part logs its start-up line."""
+    rcs = _build_part(apply_rcs, rcs_cfg, RCS_CFG_KEY, ResidualCrossCorrelation, 'apply_rcs')
+    sfr = _build_part(apply_sfr, sfr_cfg, SFR_CFG_KEY, SemanticFeedback, 'apply_sfr')
+    if (rcs is not None or sfr is not None) and attention not in RESCLIP_ATTENTIONS:
+        switches = ' and '.join(name for name, part in (('apply_rcs=True', rcs),
+                                                        ('apply_sfr=True', sfr)) if part)
+        raise ValueError(f'{switches} (ResCLIP) needs attention in {list(RESCLIP_ATTENTIONS)}, '
+                         f'got attention={attention!r}: ResCLIP edits the dense softmax '
+                         'attention (logits and P) of these variants only.')
+    if rcs is not None:
+        rcs.resolve_layers(num_blocks)
+        log_enabled('ResCLIP RCS', rcs.extra_repr())
+    if sfr is not None:
+        log_enabled('ResCLIP SFR', sfr.extra_repr())
+    return rcs, sfr

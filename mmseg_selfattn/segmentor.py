@@ -45,6 +45,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                         1 encoder.encode()             encoder.py: A, q/k/v, x_cls
                         2 similarity enhancement       stages/: logits bias
                           encoder.dense_features()     last block, `attention` variant
+                          (ResCLIP: RCS in P; SFR's pass 1 -> Ŝ -> pass 2; resclip.py)
                         3 self-attention enhancement   boosts tokens with a low A_ii
                         4 outlier suppression          replaces high A[cls,i]/A[i,i]
                         5 global debias                removes x_cls from X
@@ -59,6 +60,8 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         clip: ``dict(arch, pretrained, quick_gelu=None)`` for ``load_clip``.
         attention / gaussian_std: dense variant of the last block; naclip's window std.
         scclip_cfg: SC-CLIP's settings for attention='scclip' (``scclip.SCCLIPHead``).
+        apply_rcs / rcs_cfg, apply_sfr / sfr_cfg: ResCLIP's RCS and SFR in the dense last
+            block (naclip, sclip, clearclip, vanilla; ``resclip.py``), off by default.
         name_path / class_names: a class-name file (one class per line, synonyms
             separated by ',' / ';'), or the class lines themselves.
         slide_crop / slide_stride: sliding window in pixels; 0 = the whole image (its
@@ -86,6 +89,10 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                  attention: str = 'naclip',
                  gaussian_std: float = 5.0,
                  scclip_cfg: Optional[dict] = None,
+                 apply_rcs: bool = False,
+                 rcs_cfg: Optional[dict] = None,
+                 apply_sfr: bool = False,
+                 sfr_cfg: Optional[dict] = None,
                  name_path: Optional[str] = None,
                  class_names: Optional[Sequence[str]] = None,
                  slide_crop: int = 224,
@@ -171,7 +178,9 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         return variant
 
     def _crop_settings(self) -> dict:
-        return {key: self.pipeline_settings[key] for key in CROP_PIPELINE_KEYS}
+        """The crop pipeline's keys, and ``logit_scale`` (SFR's pass 1 uses it)."""
+        return {key: self.pipeline_settings[key]
+                for key in (*CROP_PIPELINE_KEYS, 'logit_scale')}
 
     def _postprocess(self, settings: dict) -> dict:
         """The validated post-processing settings, after the start-up lines of the parts
@@ -240,6 +249,9 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         inputs, _ = pad_to_patch_multiple(inputs, encoder.patch_size)
         if self.pipeline.scclip is not None:  # SC-CLIP's own last block
             return self.pipeline.dense_block(self.pipeline.encode_crops(inputs), None)
+        if self.pipeline.rcs is not None or self.pipeline.sfr is not None:  # ResCLIP
+            return self.pipeline.dense_block(self.pipeline.encode_crops(inputs), None,
+                                             enhanced=False)
         return encoder.dense_features(encoder.encode(inputs))
 
     def encode_decode(self, inputs: Tensor, batch_img_metas: List[dict]) -> Tensor:

@@ -125,6 +125,8 @@ def predict_variants(variants: Sequence[SelfAttnCLIPSegmentor], inputs: torch.Te
     layer_sums = tuple(dict.fromkeys(layers for variant in variants
                                      for layers in variant.pipeline.layer_sums))
     last_block = any(variant.pipeline.needs_last_block for variant in variants)  # not scclip
+    attention_means = tuple(dict.fromkeys(layers for variant in variants  # ResCLIP's A_c
+                                          for layers in variant.pipeline.attention_means))
     data_samples, images, metas = first.unpad_batch(inputs, data_samples)
     batches = list(first.engine.image_groups(images, [tuple(meta['ori_shape'][:2])
                                                       for meta in metas]))
@@ -135,7 +137,8 @@ def predict_variants(variants: Sequence[SelfAttnCLIPSegmentor], inputs: torch.Te
         if key not in encodings:
             encodings[key] = [(indices, batch, merge,
                                [variant.pipeline.encode_crops(crops, capture, mid_layers,
-                                                              layer_sums, last_block)
+                                                              layer_sums, last_block,
+                                                              attention_means)
                                 for crops in variant.engine.crop_batches(batch, merge)])
                               for indices, batch, merge in batches]
         return encodings[key]

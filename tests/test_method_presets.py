@@ -1,6 +1,6 @@
 """Every published-method preset against the settings of its public repository
-(../shared/PUBLISHED_SETTINGS.md and, for SC-CLIP, ../shared/methods/sc-clip.md, transcribed
-below and checked against those files)."""
+(../shared/PUBLISHED_SETTINGS.md and, for SC-CLIP and ResCLIP, ../shared/methods/sc-clip.md and
+../shared/methods/resclip.md, transcribed below and checked against those files)."""
 import re
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from mmseg_selfattn.benchmarks import BENCHMARKS, dataset_cfg_of, method_config
 CONFIGS = REPO_ROOT / 'configs'
 SETTINGS_FILE = REPO_ROOT.parent / 'shared' / 'PUBLISHED_SETTINGS.md'
 SCCLIP_FILE = REPO_ROOT.parent / 'shared' / 'methods' / 'sc-clip.md'
+RESCLIP_FILE = REPO_ROOT.parent / 'shared' / 'methods' / 'resclip.md'
 
 # "Defaults of each segmentor class"
 CLASS_DEFAULTS = {
@@ -29,6 +30,11 @@ CLASS_DEFAULTS = {
                                    pre_layer=8, post_layer=3, similarity_threshold=0.4,
                                    similarity_scale=3.0, fusion_layers=(3, 4, 5, 6, 7, 8, 9),
                                    cls_residual=0.3)),
+    # resclip.md §3 (ResCLIPSegmentation's defaults; NACLIP's arch and attention, PAMR off,
+    # both modules always on)
+    'resclip': dict(attention='naclip', gaussian_std=5, logit_scale=40, prob_thd=0, area_thd=0,
+                    slide_crop=224, slide_stride=112, pamr_steps=0, pamr_stride=(8, 16),
+                    apply_rcs=True, apply_sfr=True),
 }
 # "Per-dataset settings": short side and what each dataset config sets over the defaults
 PER_DATASET = {
@@ -63,6 +69,24 @@ SCCLIP_PER_DATASET = {
 }
 for bench, settings in SCCLIP_PER_DATASET.items():
     PER_DATASET[bench]['scclip'] = settings
+# resclip.md §4: short, slide_crop, prob_thd, temp_thd, (tau_r, lambda_r), (tau_s, lambda_s)
+RESCLIP_TABLE = {
+    'voc21': (336, 0, 0.1, 0.50, (2.0, 0.3), (2.2, 0.7)),
+    'context60': (336, 224, 0.1, 0.30, (2.0, 0.3), (1.8, 0.7)),
+    'coco_object': (336, 224, 0.1, 0.11, (2.0, 0.4), (1.8, 0.7)),
+    'voc20': (336, 0, 0, 0.10, (2.0, 0.6), (2.1, 0.6)),
+    'context59': (336, 224, 0, 0.25, (2.0, 0.4), (1.8, 0.7)),
+    'coco_stuff164k': (336, 224, 0, 0.11, (2.0, 0.4), (1.8, 0.7)),
+    'cityscapes': (560, 224, 0, 0.10, (2.0, 0.2), (2.1, 0.6)),
+    'ade20k': (336, 224, 0, 0.25, (2.0, 0.3), (2.1, 0.7)),
+}
+for bench, (short, crop, prob, temp, (tau_r, lam_r), (tau_s, lam_s)) in RESCLIP_TABLE.items():
+    PER_DATASET[bench]['resclip'] = dict(
+        short=short, slide_crop=crop, prob_thd=prob,
+        rcs_cfg=dict(layers=(5, 6, 7, 8), weight=lam_r, scale=tau_r),
+        sfr_cfg=dict(weight=lam_s, scale=tau_s, threshold=temp, line_decay=True,
+                     exact_line_of_sight=False, blur_std=None, pamr_steps=10,
+                     pamr_stride=(8, 16), half_precision_affinity=True))
 # "Published mIoU": the SCLIP and NACLIP READMEs; ClearCLIP's per-benchmark figures are
 # its paper's (PUBLISHED_SETTINGS gives their average, 38.1)
 PUBLISHED_MIOU = {
@@ -71,7 +95,10 @@ PUBLISHED_MIOU = {
     'clearclip': (51.8, 32.6, 33.0, 80.9, 35.9, 23.9, 30.0, 16.7),
     # sc-clip.md §6: the radar chart of the SC-CLIP README (figs/scclip.jpg)
     'scclip': (64.6, 36.8, 37.7, 84.3, 40.1, 26.6, 41.0, 20.1),
+    # resclip.md §5: the README figures' "NACLIP + ResCLIP" row (the main results)
+    'resclip': (61.1, 33.5, 35.0, 86.0, 36.8, 24.7, 35.9, 18.0),
 }
+RESCLIP_BASE_MIOU = (58.9, 32.2, 33.2, 79.7, 35.2, 23.3, 35.5, 17.4)  # §5's NACLIP row
 CLASS_FILES = dict(coco_stuff164k='coco_stuff')
 PRESETS = [(method, bench) for method in CLASS_DEFAULTS for bench in BENCHMARKS]
 
@@ -90,6 +117,10 @@ def test_preset_matches_published_settings(method, bench):
         actual = cfg.model[key]
         if key == 'scclip_cfg':
             actual = dict(actual, fusion_layers=tuple(actual['fusion_layers']))
+        if key == 'rcs_cfg':
+            actual = dict(actual, layers=tuple(actual['layers']))
+        if key == 'sfr_cfg':
+            actual = dict(actual, pamr_stride=tuple(actual['pamr_stride']))
         assert (tuple(actual) if key == 'pamr_stride' else actual) == value, key
     resize = [t for t in dataset_cfg_of(cfg)['pipeline']
               if t['type'] == 'AtLeastOnePixelResize']
@@ -190,3 +221,52 @@ def test_transcription_matches_published_settings_file():
                  if row[0].startswith(('SCLIP, repo', 'NACLIP, repo'))}
     assert published == {m: PUBLISHED_MIOU[m] for m in ('sclip', 'naclip')}
     assert 'ClearCLIP 38.1' in SETTINGS_FILE.read_text()
+
+
+def test_resclip_presets_build_rcs_and_sfr():
+    """The preset's rcs_cfg / sfr_cfg reach the modules unchanged (ViT-B/16's 12 blocks:
+    blocks 5..8 are valid), and each leaf names both published numbers."""
+    from mmseg_selfattn.resclip import build_resclip
+    for index, bench in enumerate(BENCHMARKS):
+        path = method_config('resclip', bench, CONFIGS)
+        cfg = Config.fromfile(str(path))
+        rcs, sfr = build_resclip(cfg.model.attention, cfg.model.apply_rcs, cfg.model.rcs_cfg,
+                                 cfg.model.apply_sfr, cfg.model.sfr_cfg, 12)
+        short, crop, prob, temp, (tau_r, lam_r), (tau_s, lam_s) = RESCLIP_TABLE[bench]
+        assert (rcs.layers, rcs.scale, rcs.weight) == ((5, 6, 7, 8), tau_r, lam_r)
+        assert (sfr.scale, sfr.weight, sfr.threshold) == (tau_s, lam_s, temp)
+        assert sfr.pamr is not None and (sfr.pamr.num_iter, sfr.pamr.dilations) == (10, (8, 16))
+        assert f'NACLIP alone {RESCLIP_BASE_MIOU[index]};' in path.read_text()
+
+
+RESCLIP_ROW_TO_BENCH = {'VOC21': 'voc21', 'Context60': 'context60',
+                        'COCO-Object': 'coco_object', 'VOC20': 'voc20',
+                        'Context59': 'context59', 'COCO-Stuff164k': 'coco_stuff164k',
+                        'Cityscapes': 'cityscapes', 'ADE20K': 'ade20k'}
+
+
+@pytest.mark.skipif(not RESCLIP_FILE.is_file(), reason=f'{RESCLIP_FILE} not beside the repo')
+def test_resclip_transcription_matches_the_method_file():
+    text = RESCLIP_FILE.read_text().replace('**', '')
+    rows = [[cell.strip() for cell in line.strip().strip('|').split('|')]
+            for line in text.splitlines() if line.startswith('| ')]
+    table = {}
+    for row in rows:
+        if row[0] in RESCLIP_ROW_TO_BENCH and len(row) == 7:
+            tau_r, lam_r = map(float, row[5].split(', '))
+            tau_s, lam_s = map(float, row[6].split(', '))
+            table[RESCLIP_ROW_TO_BENCH[row[0]]] = (int(row[1]), int(row[2]), float(row[3]),
+                                                   float(row[4]), (tau_r, lam_r),
+                                                   (tau_s, lam_s))
+    assert table == RESCLIP_TABLE
+    b16 = next(index for index, row in enumerate(rows) if row[0] == 'ViT-B/16')
+    naclip = next(row for row in rows[b16:] if row[0] == 'NACLIP')
+    main = next(row for row in rows[b16:] if row[0] == '+ ResCLIP (main)')
+    assert tuple(map(float, naclip[1:9])) == RESCLIP_BASE_MIOU
+    assert tuple(map(float, main[1:9])) == PUBLISHED_MIOU['resclip']
+    assert float(main[9]) == 41.38  # 331 / 8 = 41.375, rounded half up
+    assert abs(sum(PUBLISHED_MIOU['resclip']) / 8 - 41.38) <= 0.005 + 1e-9
+    defaults = {row[0]: row[1] for row in rows if row[0].startswith('`')}
+    assert defaults['`slide_crop` / `slide_stride`, `logit_scale`, `prob_thd`'] == \
+        '224 / 112, 40, 0.0'
+    assert defaults['`pamr_steps` / `pamr_stride`'] == '0 / (8, 16)'

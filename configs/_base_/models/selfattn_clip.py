@@ -19,6 +19,14 @@ model = dict(
         anomaly_neighbours=30, anomaly_contamination=0.05, pre_layer=8, post_layer=3,
         similarity_threshold=0.4, similarity_scale=3.0, fusion_layers=(3, 4, 5, 6, 7, 8, 9),
         cls_residual=0.3),
+    # ResCLIP's RCS and SFR in the dense last block (naclip / sclip / clearclip / vanilla),
+    # off here with their defaults (docs/stages.md#resclip; 0-based blocks of ViT-B/16)
+    apply_rcs=False,
+    rcs_cfg=dict(layers=(5, 6, 7, 8), weight=0.3, scale=2.0),
+    apply_sfr=False,
+    sfr_cfg=dict(weight=0.7, scale=1.8, threshold=0.3, line_decay=True,
+                 exact_line_of_sight=False, blur_std=None, pamr_steps=10, pamr_stride=(8, 16),
+                 half_precision_affinity=True),
     name_path=None,  # set by each leaf config from its dataset base
     slide_crop=224,
     slide_stride=112,
