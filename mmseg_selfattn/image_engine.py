@@ -292,14 +292,14 @@ class ImageEngine:
         by_shape = defaultdict(list)  # crop shape -> [(group, its crops)]
         for index, (batch, merge) in enumerate(groups):
             by_shape[merge.cut_size].append((index, merge.cut(batch)))
-        per_group: List[List[Tensor]] = [[] for _ in groups]
+        per_group: List[Optional[Tensor]] = [None] * len(groups)  # one crop shape each
         for parts in by_shape.values():
             crops = parts[0][1] if len(parts) == 1 else torch.cat([c for _, c in parts])
             logits = torch.cat([self._graphed_crop_logits(crops[chunk])
                                 for chunk in _chunks(len(crops), self.max_crops_per_forward)])
             for (index, part), part_logits in zip(parts, logits.split([len(c) for _, c in parts])):
-                per_group[index].append(part_logits)
-        return [logits[0] for logits in per_group]
+                per_group[index] = part_logits
+        return per_group
 
     def _graphed_crop_logits(self, crops: Tensor) -> Tensor:
         pipeline = self.pipeline
