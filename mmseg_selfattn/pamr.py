@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import pamr_kernel
 from .config_checks import check_int
 
 Offset = Tuple[int, int]
@@ -99,14 +100,20 @@ def pamr(image: Tensor,
         dilations: neighbourhood dilations.
 
     Returns:
-        (B, C, H, W) refined masks in the dtype of ``masks``.
+        (B, C, H, W) refined masks in the dtype of ``masks``; on GPU each step is one
+        kernel summing in fp32 (``pamr_kernel.py``).
     """
     masks = F.interpolate(
         masks, size=image.shape[-2:], mode='bilinear', align_corners=True)
     if num_iter == 0:
         return masks
-    affinity = pixel_affinity(image, dilations).to(masks.dtype).unsqueeze(2)
+    affinity = pixel_affinity(image, dilations)
     offsets = neighbour_offsets(dilations)
+    if pamr_kernel.supports(masks):  # GPU: one fused kernel per step (pamr_kernel.py)
+        for _ in range(num_iter):
+            masks = pamr_kernel.pamr_step(masks, affinity, offsets)
+        return masks
+    affinity = affinity.to(masks.dtype).unsqueeze(2)
     for _ in range(num_iter):
         # accumulate per neighbour: never holds a (B, C, P, H, W) tensor
         refined = torch.zeros_like(masks)

@@ -1,4 +1,6 @@
 """The dense encoder against independent re-derivations of each published formula."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,6 +125,23 @@ def test_positional_interpolation_identity_at_native_size(tiny_clip):
     wide = encoder.positional_embedding((4, 7))
     assert wide.shape == (1 + 28, tiny_clip.visual.transformer.width)
     assert torch.equal(wide[0], tiny_clip.visual.positional_embedding[0])
+
+
+def test_resized_positional_embedding_is_kept_per_grid_and_never_stale(tiny_clip):
+    visual = copy.deepcopy(tiny_clip.visual)
+    encoder = DenseCLIPEncoder(visual)
+    with torch.no_grad():
+        first = encoder.positional_embedding((4, 7))
+        assert encoder.positional_embedding((4, 7)) is first  # kept
+        assert not torch.equal(encoder.positional_embedding((5, 7))[1:6], first[1:6])
+        visual.positional_embedding.mul_(2.0)  # changed in place: a new version
+        doubled = encoder.positional_embedding((4, 7))
+        torch.testing.assert_close(doubled, 2 * first)
+        visual.positional_embedding = torch.nn.Parameter(visual.positional_embedding + 1)
+        shifted = encoder.positional_embedding((4, 7))  # a replaced table
+    torch.testing.assert_close(shifted, doubled + 1)
+    fresh = DenseCLIPEncoder(visual)
+    assert torch.equal(shifted, fresh.positional_embedding((4, 7)))
 
 
 @pytest.mark.parametrize('name', sorted(DENSE_VARIANTS))
