@@ -4,16 +4,16 @@ In torch a step is one ``addcmul_`` per neighbour over a strided slice of the
 replicate-padded masks: 16 passes over (B, C, H, W) per step at the published
 dilations (8, 16), through torch's generic strided kernel. On an H200 that was 70 % of
 the GPU time of a NACLIP VOC evaluation (93 us per pass at VOC size). Here one kernel
-reads each pixel's P affinities once into registers, gathers the P neighbours of every
-class with clamped indices (replicate padding without the padded copy) and writes the
-step's output once, accumulating in fp32:
+gathers, for a block of pixels and every class, the P neighbours with clamped indices
+(replicate padding without the padded copy), weights them with the block's P affinities
+(kept in L1 across the classes) and writes the step's output once, accumulating in fp32:
 
     m'_i = sum_{j in N(i)} a_ij m_j       (N(i): P neighbours, borders replicated)
 
 Same formula as ``pamr.pamr``'s loop (tested against it on GPU); it sums in fp32 with
 one rounding to the masks' dtype, where the torch loop rounds after every neighbour
-(fp16 masks: the kernel is the more accurate of the two; fp32: equal up to the order of
-the additions). Only CUDA tensors; without Triton ``AVAILABLE`` is False and the torch
+(fp16 masks: the kernel is the more accurate of the two; fp32: the same additions in
+the same order, up to fused multiply-adds). Only CUDA tensors; without Triton ``AVAILABLE`` is False and the torch
 loop runs.
 """
 from typing import Sequence, Tuple
@@ -35,32 +35,28 @@ if AVAILABLE:
 
     @triton.jit
     def _pamr_step_kernel(masks_ptr, affinity_ptr, out_ptr, dy_ptr, dx_ptr, channels,
-                          height, width, P: tl.constexpr, P_POW2: tl.constexpr,
-                          BLOCK: tl.constexpr):
-        """One step for BLOCK pixels of one image, every class: (P, BLOCK) affinities and
-        neighbour indices in registers, reused by all classes."""
+                          height, width, P: tl.constexpr, BLOCK: tl.constexpr):
+        """One step for BLOCK pixels of one image, every class; the neighbours in the
+        order of the torch loop. The block's P affinity rows (P * BLOCK * 4 bytes) stay
+        in L1 across the classes, so DRAM sees every input and output once."""
         pixels = height * width
         image = tl.program_id(1).to(tl.int64)
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < pixels
-        neighbours = tl.arange(0, P_POW2)
-        real = neighbours < P
-        dy = tl.load(dy_ptr + neighbours, mask=real, other=0)
-        dx = tl.load(dx_ptr + neighbours, mask=real, other=0)
         y = offsets // width
         x = offsets % width
-        ny = tl.minimum(tl.maximum(y[None, :] + dy[:, None], 0), height - 1)
-        nx = tl.minimum(tl.maximum(x[None, :] + dx[:, None], 0), width - 1)
-        sources = ny * width + nx  # (P_POW2, BLOCK)
-        tile = real[:, None] & inside[None, :]
-        weights = tl.load(affinity_ptr + image * P * pixels + neighbours[:, None] * pixels
-                          + offsets[None, :], mask=tile, other=0.0).to(tl.float32)
+        affinity = affinity_ptr + image * P * pixels + offsets
         for channel in range(channels):
-            plane = (image * channels + channel) * pixels
-            values = tl.load(masks_ptr + plane + sources, mask=tile, other=0.0)
-            refined = tl.sum(weights * values.to(tl.float32), axis=0)
-            tl.store(out_ptr + plane + offsets, refined.to(out_ptr.dtype.element_ty),
-                     mask=inside)
+            plane = masks_ptr + (image * channels + channel) * pixels
+            refined = tl.zeros([BLOCK], dtype=tl.float32)
+            for p in tl.static_range(P):
+                ny = tl.minimum(tl.maximum(y + tl.load(dy_ptr + p), 0), height - 1)
+                nx = tl.minimum(tl.maximum(x + tl.load(dx_ptr + p), 0), width - 1)
+                weight = tl.load(affinity + p * pixels, mask=inside, other=0.0)
+                value = tl.load(plane + ny * width + nx, mask=inside, other=0.0)
+                refined += weight.to(tl.float32) * value.to(tl.float32)
+            tl.store(out_ptr + (image * channels + channel) * pixels + offsets,
+                     refined.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 def supports(masks: Tensor) -> bool:
@@ -98,6 +94,5 @@ def pamr_step(masks: Tensor, affinity: Tensor, offsets: Sequence[Tuple[int, int]
     dy, dx = _offset_tables(offsets, masks.device)
     grid = (triton.cdiv(height * width, BLOCK), batch)
     _pamr_step_kernel[grid](masks, affinity, out, dy, dx, channels, height, width,
-                            P=len(offsets), P_POW2=triton.next_power_of_2(len(offsets)),
-                            BLOCK=BLOCK)
+                            P=len(offsets), BLOCK=BLOCK)
     return out
