@@ -76,6 +76,30 @@ def test_open_clip_state_dict_round_trip(tiny_clip, images, tmp_path, suffix):
     assert_same_outputs(loaded, tiny_clip, images)
 
 
+def test_a_checkpoint_load_skips_random_initialisation_and_restores_it(tiny_clip, tmp_path,
+                                                                       monkeypatch):
+    torch.save(tiny_clip.state_dict(), tmp_path / 'm.pt')
+    initialisers = {(module, name): getattr(module, name)
+                    for module in (torch.nn.init, torch.nn.modules.activation)
+                    for name in dir(module) if name.endswith('_') and not name.startswith('_')}
+    drawn = []
+    original = torch.nn.init.normal_
+    monkeypatch.setattr(torch.nn.init, 'normal_',
+                        lambda tensor, *a, **k: drawn.append(1) or original(tensor, *a, **k))
+    loaded = load_clip(TINY_ARCH, str(tmp_path / 'm.pt'))
+    assert not drawn  # open_clip's init_parameters draws with nn.init.normal_
+    for key, value in tiny_clip.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    load_clip(TINY_ARCH, None)  # random weights draw them
+    assert drawn
+    torch.save({'visual.conv1.weight': torch.zeros(1)}, tmp_path / 'bad.pt')
+    with pytest.raises(ValueError):  # an error inside the build restores the initialisers
+        load_clip(TINY_ARCH, str(tmp_path / 'bad.pt'))
+    monkeypatch.undo()
+    assert all(getattr(module, name) is function
+               for (module, name), function in initialisers.items())
+
+
 def test_quick_gelu_override(tiny_clip, tmp_path):
     torch.save(tiny_clip.state_dict(), tmp_path / 'm.pt')
     assert uses_quick_gelu(load_clip(TINY_ARCH, str(tmp_path / 'm.pt'), quick_gelu=True))
