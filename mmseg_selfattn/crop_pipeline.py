@@ -29,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config_checks import check_number, init_defaults
+from .config_checks import check_choice, check_number, init_defaults
 from .encoder import DenseCLIPEncoder, EncodedCrops
 from .resclip import build_resclip
+from .rfclip import (GLOBAL_IMAGES, build_distraction_filter, build_rfclip,
+                     build_text_refinement, complete_linkage_clusters, rfclip_logits)
 from .scclip import build_scclip
 from .stages import PIPELINE_STAGES, build_stage
 from .stages.global_debias import cls_logit_bias
@@ -40,7 +42,9 @@ from .text_classifier import ClassNames, TextClassifier, query_to_class_index
 
 # keys of the pipeline: the dense last block, stages 2-6 and the classifier
 PIPELINE_KEYS = ('attention', 'gaussian_std', 'scclip_cfg', 'apply_rcs', 'rcs_cfg', 'apply_sfr',
-                 'sfr_cfg', 'cls_token_lambda',
+                 'sfr_cfg', 'cls_token_lambda', 'rfclip_cfg', 'apply_distraction_filter',
+                 'distraction_filter_cfg', 'apply_text_refinement', 'text_refinement_cfg',
+                 'global_semantics_weight', 'global_image',
                  *(f'{prefix}{name}{suffix}' for name in PIPELINE_STAGES
                    for prefix, suffix in (('apply_', ''), ('', '_cfg'))))
 STAGE_GRAPHS = 64  # compiled variants of the stages per process
@@ -63,6 +67,13 @@ class CropPipeline(nn.Module):
         logit_scale: the segmentor's softmax temperature, which SFR's pass 1 also uses
             (not a ``PIPELINE_KEYS`` entry: the segmentor passes its post-processing one).
         cls_token_lambda: logit-level CLS debias (SPEC §1.5), 0 = off.
+        rfclip_cfg: RF-CLIP's last block (``rfclip.RFCLIPHead``), used by attention='rfclip'.
+        apply_distraction_filter / distraction_filter_cfg: RF-CLIP's Phi after every block
+            (``rfclip.DistractionFilter``; part of the encoding).
+        apply_text_refinement / text_refinement_cfg, global_semantics_weight, global_image:
+            RF-CLIP's (CASS's) per-crop text refinement and the convex global mix with the
+            crop's ('crop') or its whole image's ('whole') CLIP embedding.
+        clip_arch: the open_clip arch name (the filter's published channel list).
         apply_<stage> / <stage>_cfg: stages 2-6.
 
     Hooks (None = off): ``timer(stage)`` a context manager timing each stage
@@ -76,7 +87,13 @@ class CropPipeline(nn.Module):
                  scclip_cfg: Optional[dict] = None, apply_rcs: bool = False,
                  rcs_cfg: Optional[dict] = None, apply_sfr: bool = False,
                  sfr_cfg: Optional[dict] = None, logit_scale: float = 40.0,
-                 cls_token_lambda: float = 0.0, **stage_keys):
+                 cls_token_lambda: float = 0.0, rfclip_cfg: Optional[dict] = None,
+                 apply_distraction_filter: bool = False,
+                 distraction_filter_cfg: Optional[dict] = None,
+                 apply_text_refinement: bool = False,
+                 text_refinement_cfg: Optional[dict] = None,
+                 global_semantics_weight: float = 0.0, global_image: str = 'whole',
+                 clip_arch: Optional[str] = None, **stage_keys):
         super().__init__()
         self.__dict__['_visual'] = visual  # registered once, as encoder.visual
         self.text_classifier = text_classifier
@@ -91,11 +108,27 @@ class CropPipeline(nn.Module):
         self.settings = dict(attention=attention, gaussian_std=gaussian_std,
                              scclip_cfg=scclip_cfg, apply_rcs=apply_rcs, rcs_cfg=rcs_cfg,
                              apply_sfr=apply_sfr, sfr_cfg=sfr_cfg, logit_scale=logit_scale,
-                             cls_token_lambda=cls_token_lambda, **stage_keys)
+                             cls_token_lambda=cls_token_lambda, rfclip_cfg=rfclip_cfg,
+                             apply_distraction_filter=apply_distraction_filter,
+                             distraction_filter_cfg=distraction_filter_cfg,
+                             apply_text_refinement=apply_text_refinement,
+                             text_refinement_cfg=text_refinement_cfg,
+                             global_semantics_weight=global_semantics_weight,
+                             global_image=global_image, clip_arch=clip_arch, **stage_keys)
         self.encoder = DenseCLIPEncoder(visual, attention, gaussian_std)
         self.scclip = build_scclip(attention, scclip_cfg, self.encoder.num_blocks)
         self.rcs, self.sfr = build_resclip(attention, apply_rcs, rcs_cfg, apply_sfr, sfr_cfg,
                                            self.encoder.num_blocks)
+        self.rfclip = build_rfclip(attention, rfclip_cfg, self.encoder.num_blocks)
+        self.distraction_filter = build_distraction_filter(
+            apply_distraction_filter, distraction_filter_cfg, clip_arch,
+            visual.conv1.out_channels, self.encoder.num_blocks)
+        self.text_refinement = build_text_refinement(apply_text_refinement,
+                                                     text_refinement_cfg)
+        self.global_semantics_weight = check_number('global_semantics_weight',
+                                                    global_semantics_weight, 0, 1)
+        self.global_image = check_choice('global_image', global_image, GLOBAL_IMAGES)
+        self._query_clusters = None  # the refinement's clusters, once per class list
         self.logit_scale = check_number('logit_scale', logit_scale, 0, low_open=True)
         if compile:  # on this encoder instance only (a reference copy stays eager)
             self.encoder.compile_blocks()
@@ -116,7 +149,8 @@ class CropPipeline(nn.Module):
             f'logit_scale={self.logit_scale}' if self.sfr is not None else '')
         # what decides the dense block's output (its memo key in EncodedCrops)
         self.dense_key = (attention, self.encoder.gaussian_std,
-                          repr(self.similarity_enhancement) + repr(self.scclip) + resclip,
+                          repr(self.similarity_enhancement) + repr(self.scclip) + resclip
+                          + repr(self.rfclip),
                           repr(self.self_attn_enhancement) if attention_mode else None)
         self.plain_dense_key = self.dense_key[:3] + (None, )  # without stage 3's edit
         # layer-wise enhancement of earlier blocks (part of the encoding)
@@ -165,6 +199,10 @@ class CropPipeline(nn.Module):
                        else dict(layer_sums=layer_sums, last_block=last_block))
         if attention_means:
             scclip_keys['attention_means'] = attention_means
+        if self.distraction_filter is not None:  # RF-CLIP
+            scclip_keys['distraction_filter'] = self.distraction_filter
+        if self.rfclip is not None:
+            scclip_keys['kk_layers'] = self.rfclip.kk_blocks
         with self._timed('encode'):
             encoded = self.encoder.encode(
                 crops.to(self.vit_dtype),
@@ -184,6 +222,8 @@ class CropPipeline(nn.Module):
         if (self.compile and self.timer is None and self.recorder is None
                 and self.stage_check is None):
             self.text_classifier.query_embeddings(self.class_names)  # cached outside the graph
+            if self.text_refinement is not None:
+                self.query_clusters()  # (numpy) outside the graph
             # one graph per crop count and settings: more than dynamo's default 8 (past it
             # the stages would silently run eagerly)
             with torch._dynamo.config.patch(recompile_limit=STAGE_GRAPHS):
@@ -224,18 +264,96 @@ class CropPipeline(nn.Module):
         if record is not None:
             record(features_after_debias=features, **self._stage_diagnostics())
         with self._timed('classify'):
-            logits = self.classify(features, x_cls)  # (B, N, Q)
+            logits = self.classify(features, x_cls, self._global_embedding(encoded))  # (B, N, Q)
         self._check('classify', logits)
         return logits.transpose(1, 2).unflatten(-1, encoded.grid)
 
-    def classify(self, features: Tensor, x_cls: Optional[Tensor] = None) -> Tensor:
+    def classify(self, features: Tensor, x_cls: Optional[Tensor] = None,
+                 global_embedding: Optional[Tensor] = None) -> Tensor:
         """cos(X_i, t_q) for every patch and query, (B, N, D) -> (B, N, Q), plus
-        ``cls_token_lambda * cos(x_cls, t_q)`` when that is set."""
+        ``cls_token_lambda * cos(x_cls, t_q)`` when that is set. With RF-CLIP's text
+        refinement or global mix (``global_embedding`` g, (B, D)): (1 - gamma)
+        cos(X_i, t~_q) + gamma cos(g, t_q) (``rfclip.rfclip_logits``)."""
         queries = self.text_classifier.query_embeddings(self.class_names)
-        logits = F.normalize(features.float(), dim=-1) @ queries.T
+        if global_embedding is not None and self.uses_global_embedding:
+            logits = rfclip_logits(features, global_embedding, queries,
+                                   self.global_semantics_weight, self.text_refinement,
+                                   self.query_clusters() if self.text_refinement else None)
+        else:
+            logits = F.normalize(features.float(), dim=-1) @ queries.T
         if self.cls_token_lambda and x_cls is not None:
             logits = logits + cls_logit_bias(x_cls.float(), queries, self.cls_token_lambda)
         return logits
+
+    # -- RF-CLIP's global embedding and query clusters --------------------------------------
+    @property
+    def uses_global_embedding(self) -> bool:
+        """Whether the classifier reads g (RF-CLIP's refinement or global mix is on)."""
+        return self.text_refinement is not None or self.global_semantics_weight > 0
+
+    @property
+    def needs_whole_image(self) -> bool:
+        """Whether g is the embedding of each crop's whole image (``global_image='whole'``)."""
+        return self.uses_global_embedding and self.global_image == 'whole'
+
+    def query_clusters(self) -> Tensor:
+        """(Q,) complete-linkage cluster of each query (computed once per class list)."""
+        if self._query_clusters is None:
+            queries = self.text_classifier.query_embeddings(self.class_names)
+            self._query_clusters = complete_linkage_clusters(
+                queries, self.text_refinement.cluster_threshold).to(queries.device)
+        return self._query_clusters
+
+    def image_embeddings(self, images: Tensor) -> Tensor:
+        """g (n, D): the projected CLS of the standard forward (distraction filter and
+        layer-wise edits included) of whole normalised images (n, 3, H, W), their whole
+        patches (the patch convolution drops the rest, as the published code)."""
+        ph, pw = self.encoder.patch_size
+        height, width = images.shape[-2:]
+        if height < ph or width < pw:
+            raise ValueError(f'an image of {height} x {width} pixels has no whole patch of '
+                             f'{ph} x {pw} for its global embedding.')
+        whole = images[..., :height - height % ph, :width - width % pw]
+        keys = {} if self.distraction_filter is None else dict(
+            distraction_filter=self.distraction_filter)
+        with self._timed('global_embedding'):
+            return self.encoder.encode(whole.to(self.vit_dtype), block_edits=self.block_edits,
+                                       **keys).x_cls
+
+    def attach_image_embeddings(self, encoded, images: Tensor, num_windows: int,
+                                whole: bool = True):
+        """The ``encode_crops`` outputs of the windows of ``images`` (image-major, in
+        order), each with ``global_embedding`` set: its image's ``image_embeddings``
+        (computed once per image, not per crop), or with ``whole=False`` (the window is
+        the whole image) the crop's own x_cls. Unchanged when g is not needed."""
+        if not self.needs_whole_image:
+            return encoded
+        return self._attached(encoded, images, num_windows, whole)
+
+    def _attached(self, encoded, images: Tensor, num_windows: int, whole: bool):
+        embeddings = self.image_embeddings(images) if whole else None
+        offset = 0
+        for crops in encoded:
+            count = len(crops.block_input)
+            if embeddings is None:
+                crops.global_embedding = crops.x_cls
+            else:
+                owner = torch.arange(offset, offset + count, device=embeddings.device)
+                crops.global_embedding = embeddings[owner // num_windows]
+            offset += count
+            yield crops
+
+    def _global_embedding(self, encoded: EncodedCrops) -> Optional[Tensor]:
+        if not self.uses_global_embedding:
+            return None
+        if self.global_image == 'crop':
+            return encoded.x_cls.float()
+        if encoded.global_embedding is None:
+            raise ValueError(
+                "global_image='whole' (RF-CLIP) needs each crop's whole-image embedding, "
+                'which ImageEngine.window_patch_logits attaches (not cuda_graph=True, '
+                "test_scales or a sweep's shared encodings); use global_image='crop' there.")
+        return encoded.global_embedding.float()
 
     # -- stages 2-4 inputs -----------------------------------------------------------------
     @property
@@ -274,6 +392,8 @@ class CropPipeline(nn.Module):
         with self._timed('dense_block'):
             if self.scclip is not None:
                 features = self.scclip(self.encoder.visual, encoded)
+            elif self.rfclip is not None:
+                features = self.rfclip(self.encoder.visual, encoded)
             elif self.rcs is not None or self.sfr is not None:
                 features = self._resclip_features(encoded, attention_bias, probs_hook)
             else:
@@ -364,6 +484,9 @@ class CropPipeline(nn.Module):
         if self.scclip is not None:
             self._check_scclip_compatibility()
             return
+        if self.rfclip is not None:
+            self._check_rfclip_compatibility()
+            return
         if self.similarity_enhancement is not None and attention == 'maskclip':
             raise ValueError("apply_similarity_enhancement=True needs attention logits, but "
                              "attention='maskclip' has none; use another attention variant.")
@@ -376,6 +499,24 @@ class CropPipeline(nn.Module):
         self.needs_attention = (self.self_attn_enhancement is not None
                                 or self.outlier_suppression is not None)
 
+    def _check_rfclip_compatibility(self) -> None:
+        """RF-CLIP's last block is its own two-branch reduced block: stage 2's bias and
+        stage 3's edit have no place in its averaged kk attention, stages 3-4 read the
+        standard A, which RF-CLIP does not use, and stages 5-6 / cls_token_lambda would
+        be a new method; one error naming the keys that are on."""
+        enabled = [f'apply_{name}=True' for name in PIPELINE_STAGES
+                   if getattr(self, name) is not None]
+        if self.cls_token_lambda:
+            enabled.append(f'cls_token_lambda={self.cls_token_lambda}')
+        if enabled:
+            raise ValueError(
+                f"attention='rfclip' cannot combine with {', '.join(enabled)}: RF-CLIP's "
+                'last block averages the key-key attention of every layer over two '
+                'propagated inputs and takes no logit bias, P edit or feature stage; switch '
+                'them off (docs/stages.md#rf-clip).')
+        self.mid_layers = ()
+        self.needs_attention = False
+
     def _check_scclip_compatibility(self) -> None:
         """SC-CLIP never runs the standard last block: no A and no x_cls, which stages 3-6
         and cls_token_lambda read; stage 2's logit bias has no place in its calibrated
@@ -385,6 +526,10 @@ class CropPipeline(nn.Module):
                    if getattr(self, name) is not None]
         if self.cls_token_lambda:
             enabled.append(f'cls_token_lambda={self.cls_token_lambda}')
+        if self.text_refinement is not None:
+            enabled.append('apply_text_refinement=True')
+        if self.global_semantics_weight:
+            enabled.append(f'global_semantics_weight={self.global_semantics_weight}')
         if enabled:
             raise ValueError(
                 f"attention='scclip' cannot combine with {', '.join(enabled)}: SC-CLIP never "

@@ -23,7 +23,8 @@ from .stages.self_attn_enhancement import boost_self_attention, self_attention_d
 
 BlockEdit = Tuple[str, float, float]  # (mode, strength, threshold) of an earlier block
 # dense_attention's variants plus SC-CLIP (scclip.py: its own last block, no standard one)
-ATTENTIONS = (*DENSE_VARIANTS, 'scclip')
+# and RF-CLIP (rfclip.py: its reduced two-branch block over the multi-layer kk attention)
+ATTENTIONS = (*DENSE_VARIANTS, 'scclip', 'rfclip')
 # naclip's window std in patches: below this the window is the identity, above it flat
 GAUSSIAN_STD_RANGE = (0.01, 1e4)
 MAX_RESIZED_POSITIONS = 64  # interpolated positional embeddings kept (one per patch grid)
@@ -47,6 +48,13 @@ class EncodedCrops:
     attention_means: Dict[Tuple[int, ...], torch.Tensor] = field(default_factory=dict)
     # the crops (B, 3, H, W) as given to ``CropPipeline.encode_crops`` (ResCLIP's PAMR guide)
     crops: Optional[torch.Tensor] = None
+    # RF-CLIP: (B, T, C) fp32 mean of every block's (filtered) output, G; (B, H, N, N) fp32
+    # sum of the kk layers' softmax(k k^T) on patch rows and columns
+    layer_mean: Optional[torch.Tensor] = None
+    kk_sum: Optional[torch.Tensor] = None
+    # (B, D) CLIP embedding of each crop's whole image (RF-CLIP's global_image='whole'),
+    # set by ``CropPipeline.attach_image_embeddings``
+    global_embedding: Optional[torch.Tensor] = None
     # dense-block outputs X by the settings that decide them: segmentor variants with
     # equal dense settings share one (tools/sweep.py)
     dense_memo: Dict[tuple, torch.Tensor] = field(default_factory=dict)
@@ -129,7 +137,9 @@ class DenseCLIPEncoder(nn.Module):
                block_edits: Optional[Dict[int, BlockEdit]] = None,
                layer_sums: Sequence[Tuple[int, ...]] = (),
                last_block: bool = True,
-               attention_means: Sequence[Tuple[int, ...]] = ()) -> EncodedCrops:
+               attention_means: Sequence[Tuple[int, ...]] = (),
+               distraction_filter: Optional[nn.Module] = None,
+               kk_layers: Optional[Sequence[int]] = None) -> EncodedCrops:
         """Run the ViT on crops (B, 3, H, W), H and W multiples of the patch size.
 
         Args:
@@ -149,6 +159,13 @@ class DenseCLIPEncoder(nn.Module):
                 of each tuple's per-head attention softmax(q k^T) (B, H, T, T) is returned
                 in ``attention_means`` under that tuple (ResCLIP's A_c). These blocks run
                 explicitly (one attention, its weights kept); only running sums are kept.
+            distraction_filter: RF-CLIP's Phi (``rfclip.DistractionFilter``), applied to the
+                output of each of its ``blocks`` (so A, x_cls and the mid features of every
+                later block see it; the CLS row is never changed).
+            kk_layers: RF-CLIP: 0-based earlier blocks whose per-head softmax(k k^T) is
+                summed on patch rows and columns (``kk_sum``); also runs the whole standard
+                last block and returns G (``layer_mean``, the mean of all block outputs).
+                Needs ``last_block`` and takes no ``block_edits`` / ``attention_means``.
         """
         block_edits = block_edits or {}
         if capture_attention and not last_block:
@@ -166,17 +183,38 @@ class DenseCLIPEncoder(nn.Module):
         means = {tuple(self.block_index(layer) for layer in layers): AttentionMean()
                  for layers in attention_means}
 
+        filtered = () if distraction_filter is None else set(distraction_filter.blocks)
+        if kk_layers is not None and (not last_block or block_edits or means):
+            raise ValueError('kk_layers (RF-CLIP) needs the standard last block and takes no '
+                             'block_edits or attention_means.')
+        kk_layers = None if kk_layers is None else set(kk_layers)
+        kk_sum = layer_total = None
+
         x = self._embed(crops, grid)
         mid_features, sums = {}, {}
         for index, block in enumerate(blocks[:-1]):
             edit = block_edits.get(index)
             keep = [mean for layers, mean in means.items() if index in layers]
-            if edit is not None:
+            if kk_layers is not None:
+                if index in kk_layers:
+                    q, k, v = self._qkv(block, x)
+                    kk = head_attention(k, k)[..., 1:, 1:]
+                    kk_sum = kk if kk_sum is None else kk_sum.add_(kk)
+                    x = x + block.ls_1(self._merge_heads(
+                        block, F.scaled_dot_product_attention(q, k, v)))
+                    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+                else:
+                    x = self.run_block(block, x)
+            elif edit is not None:
                 x = self._enhanced_block(block, x, *edit, keep=keep)
             elif keep:
                 x = self._enhanced_block(block, x, None, 0.0, 0.0, keep=keep)
             else:
                 x = self.run_block(block, x)
+            if index in filtered:
+                x = distraction_filter(x, grid)
+            if kk_layers is not None:
+                layer_total = x.float() if layer_total is None else layer_total + x
             if index in mid_layers:
                 mid_features[index] = x[:, 1:]
             for layers in layer_sums:
@@ -193,17 +231,31 @@ class DenseCLIPEncoder(nn.Module):
                                 attention_means=attention_means)
         last = blocks[-1]
         q, k, v = self._qkv(last, x)
-
-        # CLS output of the standard forward: only its query row is needed.
-        cls_heads = F.scaled_dot_product_attention(q[:, :, :1], k, v)
-        cls_token = x[:, :1] + last.ls_1(self._merge_heads(last, cls_heads))
-        cls_token = cls_token + last.ls_2(last.mlp(last.ln_2(cls_token)))
+        layer_mean = None
+        if kk_layers is not None:  # RF-CLIP: the whole standard last block, for G
+            out = x + last.ls_1(self._merge_heads(last, F.scaled_dot_product_attention(q, k,
+                                                                                      v)))
+            out = out + last.ls_2(last.mlp(last.ln_2(out)))
+            cls_token = out[:, :1]
+            if self.num_blocks - 1 in filtered:
+                out = distraction_filter(out, grid)
+            layer_total = out.float() if layer_total is None else layer_total + out
+            layer_mean = layer_total / self.num_blocks
+            if kk_sum is None:  # no earlier kk layer: a zero sum
+                kk_sum = q.new_zeros(q.shape[0], q.shape[1], grid[0] * grid[1],
+                                     grid[0] * grid[1], dtype=torch.float32)
+        else:
+            # CLS output of the standard forward: only its query row is needed.
+            cls_heads = F.scaled_dot_product_attention(q[:, :, :1], k, v)
+            cls_token = x[:, :1] + last.ls_1(self._merge_heads(last, cls_heads))
+            cls_token = cls_token + last.ls_2(last.mlp(last.ln_2(cls_token)))
         x_cls = self.visual.ln_post(cls_token[:, 0]) @ self.visual.proj
 
         attention = standard_attention(q, k) if capture_attention else None
         return EncodedCrops(grid=grid, block_input=x, q=q, k=k, v=v, x_cls=x_cls,
                             attention=attention, mid_features=mid_features, layer_sums=sums,
-                            attention_means=attention_means)
+                            attention_means=attention_means, layer_mean=layer_mean,
+                            kk_sum=kk_sum)
 
     def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """An earlier block as CLIP runs it (torch's fused attention); ``compile_blocks``
@@ -257,8 +309,9 @@ class DenseCLIPEncoder(nn.Module):
                 ``logit_bias`` are added (ResCLIP's SFR).
         """
         if self.variant is None:
-            raise ValueError("attention='scclip' has its own last block: "
-                             'scclip.SCCLIPHead (CropPipeline.dense_block runs it).')
+            raise ValueError(f'attention={self.attention_name!r} has its own last block: '
+                             'scclip.SCCLIPHead / rfclip.RFCLIPHead (CropPipeline.dense_block '
+                             'runs it).')
         last = self.visual.transformer.resblocks[-1]
         bias = None if logit_bias is None else logit_bias.unsqueeze(1).to(encoded.q.dtype)
         if self.variant.gaussian_window:

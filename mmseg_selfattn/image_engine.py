@@ -133,6 +133,9 @@ class ImageEngine:
         if encoded is None:
             encoded = (self.pipeline.encode_crops(crops)
                        for crops in self.crop_batches(images, merge))
+            # RF-CLIP's global_image='whole': each image's embedding, once per image
+            encoded = self.pipeline.attach_image_embeddings(encoded, images, merge.num_windows,
+                                                            whole=bool(self.slide_crop))
         logits = [self.pipeline.stage_patch_logits(crops) for crops in encoded]
         return logits[0] if len(logits) == 1 else torch.cat(logits)
 

@@ -62,6 +62,11 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         scclip_cfg: SC-CLIP's settings for attention='scclip' (``scclip.SCCLIPHead``).
         apply_rcs / rcs_cfg, apply_sfr / sfr_cfg: ResCLIP's RCS and SFR in the dense last
             block (naclip, sclip, clearclip, vanilla; ``resclip.py``), off by default.
+        rfclip_cfg: RF-CLIP's last block for attention='rfclip' (``rfclip.RFCLIPHead``).
+        apply_distraction_filter / distraction_filter_cfg: RF-CLIP's filter of distraction
+            tokens after every block (``rfclip.DistractionFilter``), off by default.
+        apply_text_refinement / text_refinement_cfg, global_semantics_weight, global_image:
+            RF-CLIP's (CASS's) per-crop text refinement and global mix, off by default.
         name_path / class_names: a class-name file (one class per line, synonyms
             separated by ',' / ';'), or the class lines themselves.
         slide_crop / slide_stride: sliding window in pixels; 0 = the whole image (its
@@ -93,6 +98,13 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
                  rcs_cfg: Optional[dict] = None,
                  apply_sfr: bool = False,
                  sfr_cfg: Optional[dict] = None,
+                 rfclip_cfg: Optional[dict] = None,
+                 apply_distraction_filter: bool = False,
+                 distraction_filter_cfg: Optional[dict] = None,
+                 apply_text_refinement: bool = False,
+                 text_refinement_cfg: Optional[dict] = None,
+                 global_semantics_weight: float = 0.0,
+                 global_image: str = 'whole',
                  name_path: Optional[str] = None,
                  class_names: Optional[Sequence[str]] = None,
                  slide_crop: int = 224,
@@ -155,6 +167,7 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         post = self._postprocess(self.pipeline_settings)
         self.pipeline = CropPipeline(visual, text_classifier, self.class_names,
                                      self.vit_dtype, compile, **self._crop_settings())
+        self._check_whole_image_embedding(self.pipeline)
         self.engine = ImageEngine(self.pipeline, **self._window, **post)
         self._register_load_state_dict_pre_hook(_checkpoint_keys_before_the_split)
 
@@ -174,13 +187,30 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         variant.pipeline_settings = {**self.pipeline_settings, **overrides}
         post = variant._postprocess(variant.pipeline_settings)
         variant.pipeline = self.pipeline.with_settings(**variant._crop_settings())
+        variant._check_whole_image_embedding(variant.pipeline)
         variant.engine = self.engine.with_settings(variant.pipeline, **post)
         return variant
 
     def _crop_settings(self) -> dict:
         """The crop pipeline's keys, and ``logit_scale`` (SFR's pass 1 uses it)."""
-        return {key: self.pipeline_settings[key]
-                for key in (*CROP_PIPELINE_KEYS, 'logit_scale')}
+        settings = {key: self.pipeline_settings[key]
+                    for key in (*CROP_PIPELINE_KEYS, 'logit_scale')}
+        return dict(settings, clip_arch=self._clip_cfg.get('arch'))
+
+    def _check_whole_image_embedding(self, pipeline: CropPipeline) -> None:
+        """RF-CLIP's global_image='whole' needs the whole images next to their windows,
+        which the pooled CUDA-graph path and multi-scale inference do not pass on."""
+        if not (pipeline.needs_whole_image and self._window['slide_crop']):
+            return
+        if self._window['cuda_graph']:
+            raise ValueError("global_image='whole' (RF-CLIP's global embedding of the whole "
+                             'image) cannot combine with cuda_graph=True; set '
+                             "cuda_graph=False or global_image='crop'.")
+        if tuple(self._window['test_scales']) != (1.0, ):
+            raise ValueError("global_image='whole' (RF-CLIP's global embedding of the whole "
+                             'image) cannot combine with test_scales '
+                             f"{self._window['test_scales']!r}; use test_scales=(1.0, ) or "
+                             "global_image='crop'.")
 
     def _postprocess(self, settings: dict) -> dict:
         """The validated post-processing settings, after the start-up lines of the parts
