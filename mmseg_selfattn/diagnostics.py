@@ -85,14 +85,16 @@ def diagnostics_summary(stage_maps: StageMaps) -> dict:
     classes = [dict(index=int(c), name=names[c], area_percent=float(areas[c]))
                for c in present]
 
-    self_attn = recorded['attention'].diagonal(dim1=-2, dim2=-1)[:, 1:].double()
-    tau = settings.get('self_attn_enhancement', {}).get('min_self_attn_threshold')
-    self_attention = dict(
-        mean=float(self_attn.mean()), std=float(self_attn.std(correction=0)),
-        min=float(self_attn.min()), max=float(self_attn.max()),
-        threshold=None if tau is None else float(tau),
-        fraction_below_threshold=None if tau is None else float(
-            (self_attn < tau).double().mean()))
+    self_attention = None  # SC-CLIP computes no standard last-block attention
+    if 'attention' in recorded:
+        self_attn = recorded['attention'].diagonal(dim1=-2, dim2=-1)[:, 1:].double()
+        tau = settings.get('self_attn_enhancement', {}).get('min_self_attn_threshold')
+        self_attention = dict(
+            mean=float(self_attn.mean()), std=float(self_attn.std(correction=0)),
+            min=float(self_attn.min()), max=float(self_attn.max()),
+            threshold=None if tau is None else float(tau),
+            fraction_below_threshold=None if tau is None else float(
+                (self_attn < tau).double().mean()))
 
     outliers = dict(enabled='outlier_suppression' in settings, chosen_per_window=None,
                     total=None, top_k=None, min_ratio=None, above_min_ratio=None)
@@ -114,17 +116,34 @@ def diagnostics_summary(stage_maps: StageMaps) -> dict:
                                         for window in labels],
                    noise_fraction=float((labels < 0).double().mean()))
 
-    x_cls = F.normalize(recorded['x_cls'].double(), dim=-1)[:, None]
-    cls_similarity = {
-        f'mean_{when}': float((F.normalize(recorded[f'features_{when}_debias'].double(),
-                                           dim=-1) * x_cls).sum(dim=-1).mean())
-        for when in ('before', 'after')}
+    cls_similarity = None  # SC-CLIP: no x_cls
+    if 'x_cls' in recorded:
+        x_cls = F.normalize(recorded['x_cls'].double(), dim=-1)[:, None]
+        cls_similarity = {
+            f'mean_{when}': float((F.normalize(recorded[f'features_{when}_debias'].double(),
+                                               dim=-1) * x_cls).sum(dim=-1).mean())
+            for when in ('before', 'after')}
+    methods = {}
+    if 'anomalies' in recorded:
+        chosen = recorded['anomalies'].sum(dim=1)
+        scores = recorded['anomaly_scores'].double()
+        methods['scclip'] = dict(anomalies_per_window=chosen.tolist(), total=int(chosen.sum()),
+                                 lof_median=float(scores.median()),
+                                 lof_max=float(scores.max()))
+    if 'rcs_attention' in recorded:
+        diagonal = recorded['rcs_attention'].diagonal(dim1=-2, dim2=-1)[:, 1:].double()
+        methods['rcs'] = dict(self_attention_mean=float(diagonal.mean()))
+    if 'sfr_labels' in recorded:
+        labels = recorded['sfr_labels']
+        methods['sfr'] = dict(labels_per_window=[int(window.unique().numel())
+                                                 for window in labels])
+    features = recorded['features_before_debias']
     return _jsonable(dict(
         image_size=list(stage_maps.image.shape[:2]),
-        num_windows=int(recorded['attention'].shape[0]),
-        patch_grid=list(stage_maps.windows['self_attention'].shape[1:]),
+        num_windows=int(features.shape[0]),
+        patch_grid=list(stage_maps._layout['grid']),
         classes=classes, self_attention=self_attention, outliers=outliers, ctd=ctd,
-        cls_similarity=cls_similarity,
+        cls_similarity=cls_similarity, methods=methods,
         enabled_stages=[stage for stage in STAGES if stage in settings],
         settings=settings))
 
@@ -241,6 +260,8 @@ class _Sheet:
                     borderaxespad=0, columnspacing=1.0)
 
     def self_attention(self, axes) -> None:
+        if self.summary['self_attention'] is None:  # SC-CLIP: its anomaly score instead
+            return self.anomaly_score(axes)
         title, stats = 'self-attention A_ii', self.summary['self_attention']
         tau = stats['threshold']
         values = self.maps.maps['self_attention']
@@ -263,8 +284,26 @@ class _Sheet:
         if low <= tau <= high:
             bar.ax.axhline(tau, color='red', linewidth=1.5)
 
+    def anomaly_score(self, axes) -> None:
+        stats = self.summary['methods'].get('scclip')
+        if stats is None:
+            return self._off(axes, 'self-attention A_ii', '', 'not computed')
+        self._heat(axes, self.maps.maps['anomaly_score'], 'SC-CLIP anomaly score (LOF)',
+                   f'of the last block\'s input; {stats["total"]} anomalies replaced\n'
+                   f'LOF median {stats["lof_median"]:.3g}, max {stats["lof_max"]:.3g}',
+                   cmap='magma')
+
     def deficit(self, axes) -> None:
         title = 'deficit e_i'
+        if 'deficit' not in self.maps.maps and 'anomaly' in self.maps.maps:
+            return self._heat(axes, self.maps.maps['anomaly'], 'SC-CLIP anomalies O',
+                              'share of the windows replacing the patch', cmap='Reds',
+                              norm=Normalize(0, 1))
+        if 'deficit' not in self.maps.maps and 'rcs_self_attention' in self.maps.maps:
+            return self._heat(axes, self.maps.maps['rcs_self_attention'],
+                              'ResCLIP RCS: A_c diagonal',
+                              'head mean of the rcs_cfg.layers blocks,\n'
+                              'mixed into the last block')
         if 'deficit' not in self.maps.maps:
             return self._off(axes, title, 'self_attn_enhancement')
         tau = self.summary['self_attention']['threshold']
@@ -300,6 +339,8 @@ class _Sheet:
 
     def ctd_clusters(self, axes) -> None:
         title = 'CTD clusters'
+        if 'ctd_clusters' not in self.maps.windows and 'sfr_labels' in self.maps.windows:
+            return self.sfr_labels(axes)
         if 'ctd_clusters' not in self.maps.windows:
             note = ('' if 'ctd' not in self.settings
                     else 'stage on, nothing clustered (scale = refine = 0)')
@@ -316,8 +357,22 @@ class _Sheet:
                     f'noise (grey) {100 * ctd["noise_fraction"]:.1f}%')
         axes.imshow(rgb, extent=self.extent, interpolation='nearest')
 
+    def sfr_labels(self, axes) -> None:
+        ids = self.maps.window_mosaic('sfr_labels').numpy()
+        palette = CLUSTER_COLOURS
+        counts = self.summary['methods']['sfr']['labels_per_window']
+        self._frame(axes, 'ResCLIP SFR: pass-1 labels',
+                    f'{min(counts)}-{max(counts)} queries per window (colour = query)\n'
+                    'the feedback that builds the affinity')
+        axes.imshow(palette[ids % len(palette)], extent=self.extent, interpolation='nearest')
+
     def cls_similarity(self, before_axes, after_axes) -> None:
         maps = self.maps.maps
+        if self.summary['cls_similarity'] is None:  # SC-CLIP
+            for axes, when in ((before_axes, 'before'), (after_axes, 'after')):
+                self._off(axes, f'cos(X, x_cls) {when} debias', '',
+                          "attention='scclip' has no x_cls")
+            return
         before, after = maps['cls_similarity_before'], maps['cls_similarity_after']
         norm = Normalize(float(min(before.min(), after.min())),
                          float(max(before.max(), after.max())))

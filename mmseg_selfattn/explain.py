@@ -15,6 +15,17 @@ nothing is recomputed another way. Per window, on the patch grid (``windows``):
                        cos(X_i, x_cls) entering stage 5 and leaving stage 6 (the
                        features the classifier sees); equal when both debias stages are off
 - ``ctd_clusters``     DBSCAN cluster id of stage 6 (when on), -1 = noise
+- ``anomaly_score`` / ``anomaly``
+                       SC-CLIP (``attention='scclip'``): the LOF score of every token of
+                       the last block's input and 1 for the anomaly set O it replaced
+- ``rcs_self_attention``
+                       ResCLIP's RCS: the diagonal of A_c, the head mean of the attention
+                       of ``rcs_cfg.layers`` that RCS mixes into the last block
+- ``sfr_labels``       ResCLIP's SFR: pass 1's label (query index) of every patch, the
+                       feedback that builds Ŝ
+
+SC-CLIP has no standard last block: its maps hold no ``self_attention`` nor
+``cls_similarity_*`` (there is no A and no x_cls).
 
 The float maps are also merged into image coordinates (``maps``) exactly as the
 logits are: bilinear upsampling of every window, overlap averaging and the resize to
@@ -36,7 +47,9 @@ from .stages.outlier_suppression import outlier_mask_from_indices
 from .transforms import decode_image_file
 
 FLOAT_MAPS = ('self_attention', 'deficit', 'outlier_score', 'outlier',
-              'cls_similarity_before', 'cls_similarity_after')
+              'cls_similarity_before', 'cls_similarity_after', 'anomaly_score', 'anomaly',
+              'rcs_self_attention')
+ID_MAPS = ('ctd_clusters', 'sfr_labels')  # ids: per-window mosaics, never averaged
 ImageInput = Union[str, Path, np.ndarray]
 
 
@@ -56,10 +69,12 @@ class StageMaps:
             original image's pixels.
         settings: enabled stage -> its settings (``model.pipeline.stage_settings``).
         recorded: the stages' tensors as the segmentor handed them over, all windows
-            concatenated: ``attention`` (windows, T, T), ``x_cls`` (windows, D),
-            ``features_before_debias`` / ``features_after_debias`` (windows, N, D), and
-            when their stages are on ``deficit``, ``outlier_scores`` (windows, N),
-            ``outlier_indices`` (windows, k), ``ctd_labels`` (windows, N).
+            concatenated: ``attention`` (windows, T, T), ``x_cls`` (windows, D) (both
+            not with SC-CLIP), ``features_before_debias`` / ``features_after_debias``
+            (windows, N, D), and when their stages are on ``deficit``,
+            ``outlier_scores`` (windows, N), ``outlier_indices`` (windows, k),
+            ``ctd_labels`` (windows, N), ``anomaly_scores`` / ``anomalies`` (windows,
+            N), ``rcs_attention`` (windows, T, T), ``sfr_labels`` (windows, N).
         outliers_score_enhanced: whether ``outlier_score`` is of Ã (prevention) or of A.
     """
     image: np.ndarray
@@ -117,10 +132,6 @@ def explain(model, image: ImageInput) -> StageMaps:
     ``mmseg.apis.inference_model`` takes it (``np.asarray(pil_image)[..., ::-1]`` for
     PIL). The model should come from ``mmseg.apis.init_model`` (its ``cfg`` gives the
     test pipeline); without one the image is used at its own size."""
-    if getattr(model.pipeline, 'scclip', None) is not None:
-        raise ValueError("explain() maps the last block's attention A and cos(X, x_cls), which "
-                         "attention='scclip' never computes (SC-CLIP has no standard last "
-                         'block); use another attention variant.')
     if isinstance(image, (str, Path)):
         bgr = decode_image_file(str(image), 'color', 'cv2', None)
         data = dict(img_path=str(image))
@@ -140,11 +151,17 @@ def explain(model, image: ImageInput) -> StageMaps:
             if tensor is not None:
                 records[name].append(tensor)
 
-    model.pipeline.recorder = record
+    # the pipeline and the methods' own parts (SC-CLIP's head, ResCLIP's RCS / SFR)
+    recorders = [part for part in (model.pipeline, *(getattr(model.pipeline, name, None)
+                                                     for name in ('scclip', 'rcs', 'sfr')))
+                 if part is not None]
+    for part in recorders:
+        part.recorder = record
     try:
         sample = model.predict(batch['inputs'], batch['data_samples'])[0]
     finally:
-        model.pipeline.recorder = None
+        for part in recorders:
+            part.recorder = None
     tensors = {name: torch.cat(parts) for name, parts in records.items()}
     meta = sample.metainfo
     return _stage_maps(model, tensors, sample, np.ascontiguousarray(bgr[..., ::-1]),
@@ -165,21 +182,32 @@ def _stage_maps(model, tensors: Dict[str, Tensor], sample, image: np.ndarray,
                 size: Tuple[int, int], output_size: Tuple[int, int]) -> StageMaps:
     merge = model.engine.window_merge(size, output_size, sample.seg_logits.data.device)
     grid = merge.grid
-    windows = {'self_attention': tensors['attention'].diagonal(dim1=-2, dim2=-1)[:, 1:]}
+    windows = {}
+    if 'attention' in tensors:  # not with SC-CLIP
+        windows['self_attention'] = tensors['attention'].diagonal(dim1=-2, dim2=-1)[:, 1:]
     if 'deficit' in tensors:
         windows['deficit'] = tensors['deficit']
     if 'outlier_scores' in tensors:
         windows['outlier_score'] = tensors['outlier_scores']
         indices = tensors['outlier_indices']
         windows['outlier'] = outlier_mask_from_indices(indices, grid[0] * grid[1]).float()
-    x_cls = F.normalize(tensors['x_cls'], dim=-1)[:, None]
-    for when in ('before', 'after'):
-        features = F.normalize(tensors[f'features_{when}_debias'], dim=-1)
-        windows[f'cls_similarity_{when}'] = (features * x_cls).sum(dim=-1)
+    if 'x_cls' in tensors:  # not with SC-CLIP
+        x_cls = F.normalize(tensors['x_cls'], dim=-1)[:, None]
+        for when in ('before', 'after'):
+            features = F.normalize(tensors[f'features_{when}_debias'], dim=-1)
+            windows[f'cls_similarity_{when}'] = (features * x_cls).sum(dim=-1)
     if 'ctd_labels' in tensors:
         windows['ctd_clusters'] = tensors['ctd_labels']
-    windows = {name: value.float().unflatten(1, grid) if name != 'ctd_clusters'
-               else value.unflatten(1, grid) for name, value in windows.items()}
+    if 'anomaly_scores' in tensors:
+        windows['anomaly_score'] = tensors['anomaly_scores']
+        windows['anomaly'] = tensors['anomalies']
+    if 'rcs_attention' in tensors:
+        windows['rcs_self_attention'] = tensors['rcs_attention'].diagonal(
+            dim1=-2, dim2=-1)[:, 1:]
+    if 'sfr_labels' in tensors:
+        windows['sfr_labels'] = tensors['sfr_labels']
+    windows = {name: value.unflatten(1, grid) if name in ID_MAPS
+               else value.float().unflatten(1, grid) for name, value in windows.items()}
     float_names = [name for name in FLOAT_MAPS if name in windows]
     merged = merge(torch.stack([windows[name] for name in float_names], dim=1))[0]
     maps = dict(zip(float_names, merged))

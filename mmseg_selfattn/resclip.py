@@ -333,6 +333,7 @@ class ResidualCrossCorrelation:
         self.layers = tuple(layers)
         self.weight = check_number(f'{key}.weight', weight, 0, 1)
         self.scale = check_number(f'{key}.scale', scale, 0)
+        self.recorder = None  # explain(): records A_c (head mean)
 
     def resolve_layers(self, num_blocks: int) -> None:
         """One ValueError naming the key unless every layer is a block 0..L-2."""
@@ -344,7 +345,10 @@ class ResidualCrossCorrelation:
 
     def hook(self, encoded) -> ProbsHook:
         """The probs hook of the dense block for ``encoded`` (its A_c captured)."""
-        return rcs_hook(encoded.attention_means[self.layers], self.weight, self.scale)
+        a_c = encoded.attention_means[self.layers]
+        if self.recorder is not None:
+            self.recorder(rcs_attention=a_c.mean(dim=1))
+        return rcs_hook(a_c, self.weight, self.scale)
 
     def __repr__(self) -> str:
         return f'ResidualCrossCorrelation({self.extra_repr()})'
@@ -389,6 +393,7 @@ class SemanticFeedback:
             f'{key}.blur_std', blur_std, 0, low_open=True)
         self.half_precision_affinity = _check_bool(f'{key}.half_precision_affinity',
                                                    half_precision_affinity)
+        self.recorder = None  # explain(): records pass 1's patch labels
         try:
             self.pamr = build_pamr(pamr_steps, pamr_stride, None)
         except ValueError as error:
@@ -403,6 +408,8 @@ class SemanticFeedback:
         normalised crops (B, 3, H, W): bilinear to the crop size, PAMR, labels, Ŝ."""
         logits = F.interpolate(pass1_logits, size=crops.shape[-2:], mode='bilinear')
         labels = patch_labels(logits, crops, logit_scale, self.threshold, patch, self.pamr)
+        if self.recorder is not None:
+            self.recorder(sfr_labels=labels.flatten(1))
         std = gaussian_std if self.blur_std is None else self.blur_std
         return sfr_matrix(labels, std, self.line_decay, self.exact_line_of_sight)
 

@@ -133,7 +133,7 @@ def scclip_features(visual: nn.Module, block_input: Tensor, pre_patches: Tensor,
                     post_patches: Tensor, fusion_sum: Optional[Tensor],
                     grid: Tuple[int, int], neighbours: int = 30, contamination: float = 0.05,
                     threshold: float = 0.4, scale: float = 3.0,
-                    cls_residual: float = 0.3) -> Tensor:
+                    cls_residual: float = 0.3, record=None) -> Tensor:
     """SC-CLIP's patch features X (B, N, D) in fp32 (module docstring).
 
     Args:
@@ -142,11 +142,14 @@ def scclip_features(visual: nn.Module, block_input: Tensor, pre_patches: Tensor,
         pre_patches / post_patches: P(z^pre), P(z^post) (B, N, C).
         fusion_sum: M = sum of the fusion layers' z^b (B, 1+N, C), or None (F2 = 0).
         grid: (h, w), h * w = N, row-major.
+        record: ``explain()``'s recorder, given the LOF scores and the anomaly mask O.
     """
     patches, cls = block_input[:, 1:].float(), block_input[:, :1].float()
     scores = lof_scores(patches, neighbours)
     outliers = anomaly_mask(scores, contamination)
     candidates = anomaly_candidates(scores, contamination)
+    if record is not None:
+        record(anomaly_scores=scores, anomalies=outliers)
     resolved = replace_outliers(patches, outliers, grid, 'mean', candidates)
     pre = replace_outliers(pre_patches.float(), outliers, grid, 'mean', candidates)
     pre_similarity = cosine_matrix(pre).float()
@@ -208,6 +211,7 @@ class SCCLIPHead(nn.Module):
                              f'{fusion_layers!r}.')
         self.fusion_layers = tuple(fusion_layers)
         self.cls_residual = check_number(f'{key}.cls_residual', cls_residual)
+        self.recorder = None  # explain(): records the LOF scores and O
 
     def resolve_layers(self, num_blocks: int) -> None:
         """Layer indices -> 0-based blocks 0..L-2 of a ``num_blocks``-block ViT, or one
@@ -229,7 +233,8 @@ class SCCLIPHead(nn.Module):
             encoded.mid_features[self.post_layer],
             encoded.layer_sums[self.fusion_layers] if self.fusion_layers else None,
             encoded.grid, self.anomaly_neighbours, self.anomaly_contamination,
-            self.similarity_threshold, self.similarity_scale, self.cls_residual)
+            self.similarity_threshold, self.similarity_scale, self.cls_residual,
+            self.recorder)
 
     def extra_repr(self) -> str:
         return (f'anomaly_neighbours={self.anomaly_neighbours}, '

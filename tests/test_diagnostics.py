@@ -298,3 +298,35 @@ def test_demo_json_without_the_sheet(demo, monkeypatch, tmp_path):
     assert sorted(path.name for path in out_dir.iterdir()) == [
         'classes.txt', 'photo.json', 'photo_overlay.png']
     assert json.loads((out_dir / 'photo.json').read_text())['outliers']['total'] > 0
+
+
+def test_scclip_sheet_shows_its_anomalies_instead_of_a_and_x_cls():
+    stage_maps = build(attention='scclip', scclip_cfg=dict(
+        pre_layer=1, post_layer=0, fusion_layers=(0, 1))).explain(random_bgr())
+    summary = diagnostics_summary(stage_maps)
+    assert summary['self_attention'] is None and summary['cls_similarity'] is None
+    anomalies = stage_maps.recorded['anomalies']
+    assert summary['methods']['scclip']['total'] == int(anomalies.sum()) > 0
+    assert summary['methods']['scclip']['anomalies_per_window'] == anomalies.sum(1).tolist()
+    json.dumps(summary)
+    figure = diagnostics_sheet(stage_maps)
+    score = panel(figure, 'SC-CLIP anomaly score (LOF)')
+    assert np.allclose(score.images[0].get_array(), stage_maps.maps['anomaly_score'].numpy())
+    assert panel(figure, 'SC-CLIP anomalies O').images[0].get_array().max() <= 1
+    assert "attention='scclip' has no x_cls" in texts(panel(figure, 'cos(X, x_cls) before debias'))
+
+
+def test_resclip_sheet_shows_rcs_attention_and_sfr_labels():
+    stage_maps = build(apply_rcs=True, rcs_cfg=dict(layers=(0, 1)),
+                       apply_sfr=True).explain(random_bgr())
+    summary = diagnostics_summary(stage_maps)
+    labels = stage_maps.recorded['sfr_labels']
+    assert summary['methods']['sfr']['labels_per_window'] == [
+        len(set(window.tolist())) for window in labels]
+    rcs = stage_maps.recorded['rcs_attention'].diagonal(dim1=-2, dim2=-1)[:, 1:].double()
+    assert summary['methods']['rcs']['self_attention_mean'] == pytest.approx(float(rcs.mean()))
+    figure = diagnostics_sheet(stage_maps)
+    shown = panel(figure, 'ResCLIP RCS: A_c diagonal').images[0].get_array()
+    assert np.allclose(shown, stage_maps.maps['rcs_self_attention'].numpy())
+    assert panel(figure, 'ResCLIP SFR: pass-1 labels').images
+    assert panel(figure, 'self-attention A_ii').images  # the standard forward's A

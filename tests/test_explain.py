@@ -193,3 +193,51 @@ def test_one_start_up_line_per_enabled_stage(log_records):
     log_records.clear()
     build()
     assert not [record for record in log_records if 'Enabled with' in record]
+
+
+# -- the maps of SC-CLIP and ResCLIP ---------------------------------------------------------
+def test_scclip_maps_are_its_anomaly_scores_and_set():
+    from mmseg_selfattn.scclip import anomaly_mask, lof_scores
+    model = build(attention='scclip',
+                  scclip_cfg=dict(pre_layer=1, post_layer=0, fusion_layers=(0, 1)))
+    image = random_bgr(50, 70, seed=3)
+    explained = model.explain(image)
+    # no standard last block: no A, no x_cls, so neither map
+    assert {'anomaly_score', 'anomaly'} <= set(explained.maps)
+    assert not {'self_attention', 'cls_similarity_before'} & set(explained.maps)
+    crops, _ = crops_of(model, image)
+    head = model.pipeline.scclip
+    with torch.no_grad():
+        encoded = model.pipeline.encode_crops(crops)
+    scores = lof_scores(encoded.block_input[:, 1:].float(), head.anomaly_neighbours)
+    grid = encoded.grid
+    assert torch.equal(explained.windows['anomaly_score'], scores.unflatten(1, grid))
+    assert torch.equal(explained.windows['anomaly'],
+                       anomaly_mask(scores, head.anomaly_contamination).float().unflatten(1, grid))
+    assert explained.windows['anomaly'].sum() > 0
+    probabilities = model.predict(crops_input(model, image))[0].seg_logits.data
+    assert torch.equal(explained.probabilities, probabilities)
+
+
+def test_resclip_maps_are_its_rcs_attention_and_pass1_labels():
+    model = build(apply_rcs=True, rcs_cfg=dict(layers=(0, 1)), apply_sfr=True)
+    image = random_bgr(50, 70, seed=4)
+    explained = model.explain(image)
+    crops, _ = crops_of(model, image)
+    with torch.no_grad():
+        encoded = model.pipeline.encode_crops(crops)
+    a_c = encoded.attention_means[(0, 1)].mean(dim=1)
+    assert torch.equal(explained.windows['rcs_self_attention'],
+                       a_c.diagonal(dim1=-2, dim2=-1)[:, 1:].unflatten(1, encoded.grid))
+    labels = explained.windows['sfr_labels']
+    assert labels.dtype == torch.long and labels.shape == (len(crops), *encoded.grid)
+    assert 0 <= labels.min() and labels.max() < 3  # query indices
+    assert explained.window_mosaic('sfr_labels').shape == image.shape[:2]
+    assert 'self_attention' in explained.maps  # the standard forward's A still exists
+    probabilities = model.predict(crops_input(model, image))[0].seg_logits.data
+    assert torch.equal(explained.probabilities, probabilities)
+
+
+def crops_input(model, image_bgr):
+    return model.data_preprocessor(
+        dict(inputs=[torch.from_numpy(image_bgr).permute(2, 0, 1)]), False)['inputs']
