@@ -164,7 +164,7 @@ class CropPipeline(nn.Module):
     def with_settings(self, **overrides) -> 'CropPipeline':
         """A pipeline on the same ViT weights and text classifier whose ``PIPELINE_KEYS``
         are these settings with ``overrides`` (a ``<stage>_cfg`` replaces the whole cfg)."""
-        unknown = sorted(set(overrides) - {*PIPELINE_KEYS, 'logit_scale'})
+        unknown = sorted(set(overrides) - {*PIPELINE_KEYS, 'logit_scale', 'clip_arch'})
         if unknown:
             raise ValueError(f'{unknown} are not pipeline keys; it takes {list(PIPELINE_KEYS)} '
                              "(and 'logit_scale').")

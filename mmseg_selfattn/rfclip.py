@@ -428,10 +428,11 @@ def build_text_refinement(enabled: bool, cfg: Optional[dict]) -> Optional[TextRe
 def rfclip_logits(features: Tensor, global_embedding: Optional[Tensor], queries: Tensor,
                   gamma: float, refinement: Optional[TextRefinement] = None,
                   clusters: Optional[Tensor] = None) -> Tensor:
-    """l_nq = (1 - gamma) unit(X_n).t~_q + gamma unit(g).t_q, (B, N, Q) fp32; t~ = t
-    without refinement."""
-    unit = F.normalize(features.float(), dim=-1)
-    global_unit = None if global_embedding is None else F.normalize(global_embedding.float(),
+    """l_nq = (1 - gamma) unit(X_n).t~_q + gamma unit(g).t_q, (B, N, Q) in the queries'
+    dtype; t~ = t without refinement."""
+    dtype = queries.dtype  # fp32 in the pipeline
+    unit = F.normalize(features.to(dtype), dim=-1)
+    global_unit = None if global_embedding is None else F.normalize(global_embedding.to(dtype),
                                                                    dim=-1)
     if refinement is not None:
         refined = refined_queries(unit, global_unit, queries, clusters, refinement.weight,
