@@ -47,6 +47,8 @@ METHOD_CONFIGS: Dict[str, str] = {
     'clearclip': 'methods/clearclip/clearclip_vit-b16_{}.py',
     'scclip': 'methods/scclip/scclip_vit-b16_{}.py',
     'resclip': 'methods/resclip/resclip_vit-b16_{}.py',
+    'rfclip': 'methods/rfclip/rfclip_vit-b16_{}.py',
+    'rfclip-pamr': 'methods/rfclip/rfclip-pamr_vit-b16_{}.py',  # the paper's 45.5 setting
     'selfattn': 'selfattn/selfattn_vit-b16_{}.py',
     'selfattn-full': 'selfattn/selfattn-full_vit-b16_{}.py',
 }

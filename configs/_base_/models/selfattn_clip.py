@@ -27,6 +27,18 @@ model = dict(
     sfr_cfg=dict(weight=0.7, scale=1.8, threshold=0.3, line_decay=True,
                  exact_line_of_sight=False, blur_std=None, pamr_steps=10, pamr_stride=(8, 16),
                  half_precision_affinity=True),
+    # RF-CLIP's parts (docs/stages.md#rf-clip), off here with their published values: its
+    # last block (attention='rfclip'), the distraction filter after every block (channels
+    # None: the published list, OpenAI ViT-B/16 only), CASS's text refinement and global mix
+    rfclip_cfg=dict(kk_layers='all', propagation_threshold=0.4,
+                    branches=('block_input', 'layer_mean'), normalize_propagation=False),
+    apply_distraction_filter=False,
+    distraction_filter_cfg=dict(channels=None, sigma=5.0, alpha=0.4, layers='all',
+                                shift_by_min=True),
+    apply_text_refinement=False,
+    text_refinement_cfg=dict(cluster_threshold=0.1, weight=0.03, top_k=2, linkage='complete'),
+    global_semantics_weight=0.0,
+    global_image='whole',  # g of the whole image ('crop': of each window)
     name_path=None,  # set by each leaf config from its dataset base
     slide_crop=224,
     slide_stride=112,

@@ -1,0 +1,7 @@
+# RF-CLIP on COCO-Stuff164k (171 classes) with PAMR (10 steps, dilations (8, 16): the RF_CLIP class default,
+# eval.py --pamr on), the setting of the paper's 45.5 average (44.2 without).
+# Published mIoU with OpenAI's ViT-B/16 weights: not published per benchmark.
+# Reproduce: python tools/eval_all.py --method rfclip-pamr --benchmarks coco_stuff164k --cfg-options
+# model.clip.pretrained=/path/to/ViT-B-16.pt.
+_base_ = './rfclip_vit-b16_coco_stuff164k.py'
+model = dict(pamr_steps=10, pamr_stride=(8, 16))
