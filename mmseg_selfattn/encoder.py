@@ -165,7 +165,7 @@ class DenseCLIPEncoder(nn.Module):
             kk_layers: RF-CLIP: 0-based earlier blocks whose per-head softmax(k k^T) is
                 summed on patch rows and columns (``kk_sum``); also runs the whole standard
                 last block and returns G (``layer_mean``, the mean of all block outputs).
-                Needs ``last_block`` and takes no ``block_edits`` / ``attention_means``.
+                Needs ``last_block`` and takes no ``block_edits``.
         """
         block_edits = block_edits or {}
         if capture_attention and not last_block:
@@ -184,9 +184,9 @@ class DenseCLIPEncoder(nn.Module):
                  for layers in attention_means}
 
         filtered = () if distraction_filter is None else set(distraction_filter.blocks)
-        if kk_layers is not None and (not last_block or block_edits or means):
+        if kk_layers is not None and (not last_block or block_edits):
             raise ValueError('kk_layers (RF-CLIP) needs the standard last block and takes no '
-                             'block_edits or attention_means.')
+                             'block_edits.')
         kk_layers = None if kk_layers is None else set(kk_layers)
         kk_sum = layer_total = None
 
@@ -196,12 +196,19 @@ class DenseCLIPEncoder(nn.Module):
             edit = block_edits.get(index)
             keep = [mean for layers, mean in means.items() if index in layers]
             if kk_layers is not None:
-                if index in kk_layers:
+                if index in kk_layers or keep:
                     q, k, v = self._qkv(block, x)
-                    kk = head_attention(k, k)[..., 1:, 1:]
-                    kk_sum = kk if kk_sum is None else kk_sum.add_(kk)
-                    x = x + block.ls_1(self._merge_heads(
-                        block, F.scaled_dot_product_attention(q, k, v)))
+                    if index in kk_layers:
+                        kk = head_attention(k, k)[..., 1:, 1:]
+                        kk_sum = kk if kk_sum is None else kk_sum.add_(kk)
+                    if keep:  # a sweep's ResCLIP variant shares this encoding
+                        probs = head_attention(q, k)
+                        for mean in keep:
+                            mean.add(probs)
+                        heads = probs.to(v.dtype) @ v
+                    else:
+                        heads = F.scaled_dot_product_attention(q, k, v)
+                    x = x + block.ls_1(self._merge_heads(block, heads))
                     x = x + block.ls_2(block.mlp(block.ln_2(x)))
                 else:
                     x = self.run_block(block, x)

@@ -133,7 +133,9 @@ def predict_variants(variants: Sequence[SelfAttnCLIPSegmentor], inputs: torch.Te
     encodings = {}  # one encoding per distinct enhancement of earlier blocks (layers)
 
     def groups_of(variant):
-        key = repr(sorted(variant.pipeline.block_edits.items()))
+        pipeline = variant.pipeline  # what changes blocks 0..L-2 (RF-CLIP's filter, kk sum)
+        key = (repr(sorted(pipeline.block_edits.items())) + repr(pipeline.distraction_filter)
+               + repr(None if pipeline.rfclip is None else pipeline.rfclip.kk_blocks))
         if key not in encodings:
             encodings[key] = [(indices, batch, merge,
                                [variant.pipeline.encode_crops(crops, capture, mid_layers,
@@ -147,6 +149,9 @@ def predict_variants(variants: Sequence[SelfAttnCLIPSegmentor], inputs: torch.Te
     for variant in variants:
         finite = []
         for indices, batch, merge, encoded in groups_of(variant):
+            # RF-CLIP's whole-image embedding (global_image='whole'), once per image
+            encoded = list(variant.pipeline.attach_image_embeddings(
+                encoded, batch, merge.num_windows, whole=bool(variant.engine.slide_crop)))
             variant.store_predictions(data_samples, indices,
                                       variant.engine.segment_group(batch, merge, encoded),
                                       finite)

@@ -513,3 +513,26 @@ def test_whole_slide_zero_uses_the_crop_and_predict_runs():
     out = model.predict(images)
     assert calls == []
     assert torch.isfinite(out[0].seg_logits.data).all()
+
+
+def test_sweep_variants_equal_their_own_predict():
+    """tools/sweep.py's shared encodings: variants with and without the filter / the
+    rfclip block / the whole-image g each equal their own predict."""
+    from mmseg_selfattn.sweep import predict_variants
+    base = perturb(build_tiny_segmentor(
+        attention='rfclip', apply_distraction_filter=True,
+        distraction_filter_cfg=dict(channels=CHANNELS), apply_text_refinement=True,
+        global_semantics_weight=0.2))
+    variants = [base, base.with_pipeline(attention='naclip', apply_distraction_filter=False,
+                                         apply_text_refinement=False,
+                                         global_semantics_weight=0.0),
+                base.with_pipeline(global_semantics_weight=0.5, global_image='crop'),
+                base.with_pipeline(attention='naclip', apply_rcs=True,
+                                   rcs_cfg=dict(layers=(0, 1)))]
+    torch.manual_seed(15)
+    images = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        expected = [variant.predict(images)[1].seg_logits.data.clone() for variant in variants]
+        for want, samples in zip(expected, predict_variants(variants, images, None)):
+            torch.testing.assert_close(samples[1].seg_logits.data, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expected[0], expected[1])
