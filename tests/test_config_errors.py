@@ -70,8 +70,8 @@ def test_non_finite_numbers_are_refused(key, value):
     # wrong types
     (dict(gaussian_std='5'), "gaussian_std must be a number in [0.01, 10000.0], got '5'."),
     (dict(attention=['naclip']), "attention=['naclip'] is not a dense variant; choose one of "
-                                 "['clearclip', 'gated', 'maskclip', 'naclip', 'scclip', "
-                                 "'sclip', 'vanilla']."),
+                                 "['clearclip', 'gated', 'maskclip', 'naclip', 'rfclip', "
+                                 "'scclip', 'sclip', 'vanilla']."),
     (dict(precision=['fp16']), "precision must be one of ['fp32', 'fp16', 'bf16', 'auto'], got "
                                "['fp16']."),
     (dict(prob_thd=0.5, bg_idx='0'), "bg_idx must be a class index in [0, 1] (it receives the "
