@@ -35,6 +35,7 @@ from .resclip import build_resclip
 from .rfclip import (GLOBAL_IMAGES, build_distraction_filter, build_rfclip,
                      build_text_refinement, complete_linkage_clusters, rfclip_logits)
 from .scclip import build_scclip
+from .sliding_window import pad_to_patch_multiple
 from .stages import PIPELINE_STAGES, build_stage
 from .stages.global_debias import cls_logit_bias
 from .stages.self_attn_enhancement import enhanced_attention, self_attention_deficit
@@ -310,10 +311,11 @@ class CropPipeline(nn.Module):
         patches (the patch convolution drops the rest, as the published code)."""
         ph, pw = self.encoder.patch_size
         height, width = images.shape[-2:]
-        if height < ph or width < pw:
-            raise ValueError(f'an image of {height} x {width} pixels has no whole patch of '
-                             f'{ph} x {pw} for its global embedding.')
-        whole = images[..., :height - height % ph, :width - width % pw]
+        # as slide_crop=0 feeds the whole image: its whole patches, at least one (a side
+        # smaller than a patch is zero-padded to one)
+        whole = pad_to_patch_multiple(
+            images[..., :max(height - height % ph, min(height, ph)),
+                   :max(width - width % pw, min(width, pw))], (ph, pw))[0]
         keys = {} if self.distraction_filter is None else dict(
             distraction_filter=self.distraction_filter)
         with self._timed('global_embedding'):

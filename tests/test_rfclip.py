@@ -536,3 +536,17 @@ def test_sweep_variants_equal_their_own_predict():
         for want, samples in zip(expected, predict_variants(variants, images, None)):
             torch.testing.assert_close(samples[1].seg_logits.data, want, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(expected[0], expected[1])
+
+
+def test_whole_image_embedding_equals_the_whole_image_window():
+    """g of an image (its whole patches, a side below one patch padded to one) is the
+    x_cls of the slide_crop=0 window of that image."""
+    torch.manual_seed(16)
+    model = build_tiny_segmentor(attention='rfclip', slide_crop=0)
+    for size in [(44, 60), (5, 37)]:
+        images = torch.randn(2, 3, *size)
+        merge = model.engine.window_merge(size, size, images.device)
+        with torch.no_grad():
+            ours = model.pipeline.image_embeddings(images)
+            expected = model.pipeline.encode_crops(merge.cut(images)).x_cls
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
