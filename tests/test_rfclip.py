@@ -550,3 +550,19 @@ def test_whole_image_embedding_equals_the_whole_image_window():
             ours = model.pipeline.image_embeddings(images)
             expected = model.pipeline.encode_crops(merge.cut(images)).x_cls
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_explain_runs_with_rfclip():
+    """explain() (a real predict with the recorder on) runs with every RF-CLIP part and
+    gives finite probabilities; the recorder is removed afterwards."""
+    import numpy as np
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmseg')
+    model = perturb(build_tiny_segmentor(
+        attention='rfclip', apply_distraction_filter=True,
+        distraction_filter_cfg=dict(channels=CHANNELS), apply_text_refinement=True,
+        global_semantics_weight=0.2))
+    image = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
+    maps = model.explain(image)
+    assert np.isfinite(np.asarray(maps.probabilities)).all()
+    assert model.pipeline.recorder is None
