@@ -566,3 +566,19 @@ def test_explain_runs_with_rfclip():
     maps = model.explain(image)
     assert np.isfinite(np.asarray(maps.probabilities)).all()
     assert model.pipeline.recorder is None
+
+
+def test_logits_batched_equal_one_crop_at_a_time():
+    """Filter, rfclip block, refinement and the crop's own g: the batched logits equal
+    those of one crop at a time."""
+    model = perturb(build_tiny_segmentor(
+        attention='rfclip', apply_distraction_filter=True,
+        distraction_filter_cfg=dict(channels=CHANNELS), apply_text_refinement=True,
+        text_refinement_cfg=dict(cluster_threshold=0.6, weight=0.5),
+        global_semantics_weight=0.3, global_image='crop'))
+    torch.manual_seed(17)
+    crops = torch.randn(5, 3, 32, 40)
+    with torch.no_grad():
+        batched = model.pipeline.crop_patch_logits(crops)
+        single = torch.cat([model.pipeline.crop_patch_logits(c[None]) for c in crops])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
