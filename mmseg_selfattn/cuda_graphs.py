@@ -110,25 +110,29 @@ class CUDAGraphCache:
 
 def flatten_encoded(encoded: Sequence[EncodedCrops], *dense_keys: tuple):
     """What stages 3-7 read of ``encode_crops`` outputs whose dense block is memoised
-    (x_cls when present (not for scclip), attention, X under those of ``dense_keys``
-    present) as a flat list of tensors, and a function that rebuilds such outputs from
+    (x_cls when present (not for scclip), attention, RF-CLIP's whole-image embedding, X
+    under those of ``dense_keys`` present) as a flat list of tensors, and a function that rebuilds such outputs from
     tensors of the same shapes (CUDA-graph inputs)."""
     layouts, tensors = [], []
     for crops in encoded:
         has_cls, has_attention = crops.x_cls is not None, crops.attention is not None
+        has_global = crops.global_embedding is not None
         keys = [key for key in dict.fromkeys(dense_keys) if key in crops.dense_memo]
-        layouts.append((crops.grid, has_cls, has_attention, keys))
+        layouts.append((crops.grid, has_cls, has_attention, has_global, keys))
         tensors += [*([crops.x_cls] if has_cls else []),
                     *([crops.attention] if has_attention else []),
+                    *([crops.global_embedding] if has_global else []),
                     *(crops.dense_memo[key] for key in keys)]
 
     def rebuild(flat: Sequence[Tensor]) -> List[EncodedCrops]:
         flat, rebuilt = list(flat), []
-        for grid, has_cls, has_attention, keys in layouts:
+        for grid, has_cls, has_attention, has_global, keys in layouts:
             x_cls = flat.pop(0) if has_cls else None
             attention = flat.pop(0) if has_attention else None
+            global_embedding = flat.pop(0) if has_global else None
             rebuilt.append(EncodedCrops(grid=grid, block_input=None, q=None, k=None, v=None,
                                         x_cls=x_cls, attention=attention,
+                                        global_embedding=global_embedding,
                                         dense_memo={key: flat.pop(0) for key in keys}))
         return rebuilt
 

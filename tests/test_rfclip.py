@@ -582,3 +582,20 @@ def test_logits_batched_equal_one_crop_at_a_time():
         batched = model.pipeline.crop_patch_logits(crops)
         single = torch.cat([model.pipeline.crop_patch_logits(c[None]) for c in crops])
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_graph_inputs_keep_the_whole_image_embedding():
+    """flatten_encoded / rebuild (the sweep's CUDA-graph inputs) carry g."""
+    from mmseg_selfattn.cuda_graphs import flatten_encoded
+    model = build_tiny_segmentor(attention='rfclip', global_semantics_weight=0.4)
+    torch.manual_seed(18)
+    images = torch.randn(1, 3, 40, 56)
+    merge = model.engine.window_merge((40, 56), (40, 56), images.device)
+    with torch.no_grad():
+        encoded = list(model.pipeline.attach_image_embeddings(
+            (model.pipeline.encode_crops(c) for c in model.engine.crop_batches(images, merge)),
+            images, merge.num_windows))
+        expected = model.pipeline.stage_patch_logits(encoded[0])
+        tensors, rebuild = flatten_encoded(encoded, model.pipeline.dense_key)
+        again = model.pipeline.stage_patch_logits(rebuild(tensors)[0])
+    assert torch.equal(expected, again)
