@@ -110,6 +110,8 @@ def test_config_parses_and_builds_with_the_tiny_arch(path, tmp_path, monkeypatch
     cfg.model.similarity_enhancement_cfg.layer = -2  # the tiny ViT has 3 blocks
     cfg.model.scclip_cfg.update(pre_layer=-2, post_layer=0, fusion_layers=(0, 1))
     cfg.model.rcs_cfg.update(layers=(0, 1))  # ResCLIP's blocks 5..8 do not exist
+    # RF-CLIP's channels are ViT-B/16's (768 wide; the tiny ViT is 64)
+    cfg.model.distraction_filter_cfg.update(channels=(4, 16, 40))
     init_default_scope(cfg.default_scope)
     model = MODELS.build(cfg.model)
     assert len(model.class_names) == len(dataset_cls.METAINFO['classes'])
