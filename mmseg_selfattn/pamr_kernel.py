@@ -33,7 +33,9 @@ BLOCK = 256  # pixels per program
 
 if AVAILABLE:
 
-    @triton.jit
+    # sizes are not specialised: one compilation per dtype and neighbour count, not one
+    # per combination of image sides divisible by 16 or not
+    @triton.jit(do_not_specialize=['channels', 'height', 'width'])
     def _pamr_step_kernel(masks_ptr, affinity_ptr, out_ptr, dy_ptr, dx_ptr, channels,
                           height, width, P: tl.constexpr, BLOCK: tl.constexpr):
         """One step for BLOCK pixels of one image, every class; the neighbours in the

@@ -70,7 +70,10 @@ if AVAILABLE:
                    + tl.sum(tl.exp(scale * (values - new_top[None, :])), axis=0))
         return new_top, exp_sum
 
-    @triton.jit
+    # sizes are not specialised (Triton would compile again for each combination of
+    # sizes divisible by 16 or not: seconds per new image size of a dataset)
+    @triton.jit(do_not_specialize=['height', 'width', 'input_rows', 'num_queries',
+                                   'num_classes', 'num_groups'])
     def _pixel_predictions_kernel(logits_ptr, taps_ptr, weights_ptr, first_ptr, groups_ptr,
                                   extras_ptr, probs_ptr, labels_ptr, confidence_ptr, height,
                                   width, input_rows, num_queries, num_classes, num_groups,
@@ -129,7 +132,7 @@ if AVAILABLE:
         if PROB_THD:  # best query probability 1 / z
             tl.store(confidence_ptr + image * pixels + pixel, 1.0 / exp_sum, mask=in_row)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=['pixels', 'num_classes'])
     def _class_areas_kernel(labels_ptr, areas_ptr, pixels, num_classes, CLASSES: tl.constexpr,
                             BLOCK: tl.constexpr):
         image = tl.program_id(1).to(tl.int64)
