@@ -52,12 +52,29 @@ def init_defaults(cls: type) -> dict:
             if name != 'self'}
 
 
+def check_bool(key: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f'{key} must be True or False, got {value!r}.')
+    return value
+
+
 def check_keys(cfg_key: str, cfg: dict, cls: type) -> None:
     """Reject keys of ``cfg`` that ``cls.__init__`` does not take, listing the allowed ones."""
     allowed = list(init_defaults(cls))
     unknown = sorted(set(cfg) - set(allowed))
     if unknown:
         raise ValueError(f'{cfg_key}: unknown key(s) {unknown}; allowed: {allowed}.')
+
+
+def build_checked(cfg_key: str, cfg: Optional[dict], cls: type, example: str = ''):
+    """``cls(**cfg)`` once ``cfg`` is a dict (None: the defaults) of keys ``cls`` takes;
+    ``cls`` checks the values. Callers build it whether or not the part is on, so a typo
+    never passes. ``example`` (``', e.g. key=dict(...)'``) goes into the error."""
+    if cfg is not None and not isinstance(cfg, dict):
+        raise ValueError(f'{cfg_key} must be a dict{example} (docs/config_keys.md), '
+                         f'got {cfg!r}.')
+    check_keys(cfg_key, cfg or {}, cls)
+    return cls(**(cfg or {}))
 
 
 def check_bg_idx(bg_idx, num_classes: int, needed: bool) -> Optional[int]:

@@ -23,7 +23,7 @@ one ``encode_crops`` output (tools/sweep.py).
 """
 import itertools
 from contextlib import nullcontext
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -168,7 +168,7 @@ class CropPipeline(nn.Module):
         unknown = sorted(set(overrides) - {*PIPELINE_KEYS, 'logit_scale', 'clip_arch'})
         if unknown:
             raise ValueError(f'{unknown} are not pipeline keys; it takes {list(PIPELINE_KEYS)} '
-                             "(and 'logit_scale').")
+                             "(and 'logit_scale', 'clip_arch').")
         variant = CropPipeline(self._visual, self.text_classifier, self.class_names,
                                self.vit_dtype, False, **{**self.settings, **overrides})
         variant.compile = self.compile  # compiled stages; its blocks run eagerly
@@ -501,15 +501,20 @@ class CropPipeline(nn.Module):
         self.needs_attention = (self.self_attn_enhancement is not None
                                 or self.outlier_suppression is not None)
 
+    def _stages_switched_on(self) -> List[str]:
+        """The keys of stages 2-6 and ``cls_token_lambda`` that are on, as a user sets them."""
+        enabled = [f'apply_{name}=True' for name in PIPELINE_STAGES
+                   if getattr(self, name) is not None]
+        if self.cls_token_lambda:
+            enabled.append(f'cls_token_lambda={self.cls_token_lambda}')
+        return enabled
+
     def _check_rfclip_compatibility(self) -> None:
         """RF-CLIP's last block is its own two-branch reduced block: stage 2's bias and
         stage 3's edit have no place in its averaged kk attention, stages 3-4 read the
         standard A, which RF-CLIP does not use, and stages 5-6 / cls_token_lambda would
         be a new method; one error naming the keys that are on."""
-        enabled = [f'apply_{name}=True' for name in PIPELINE_STAGES
-                   if getattr(self, name) is not None]
-        if self.cls_token_lambda:
-            enabled.append(f'cls_token_lambda={self.cls_token_lambda}')
+        enabled = self._stages_switched_on()
         if enabled:
             raise ValueError(
                 f"attention='rfclip' cannot combine with {', '.join(enabled)}: RF-CLIP's "
@@ -524,10 +529,7 @@ class CropPipeline(nn.Module):
         and cls_token_lambda read; stage 2's logit bias has no place in its calibrated
         attention (a mixture of G and a softmax, not a logit sum). One error naming the
         keys that are on."""
-        enabled = [f'apply_{name}=True' for name in PIPELINE_STAGES
-                   if getattr(self, name) is not None]
-        if self.cls_token_lambda:
-            enabled.append(f'cls_token_lambda={self.cls_token_lambda}')
+        enabled = self._stages_switched_on()
         if self.text_refinement is not None:
             enabled.append('apply_text_refinement=True')
         if self.global_semantics_weight:

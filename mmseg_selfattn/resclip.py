@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config_checks import check_keys, check_number
+from .config_checks import build_checked, check_bool, check_number
 from .dense_attention import ProbsHook
 from .pamr import PAMR, build_pamr
 from .startup_log import log_enabled
@@ -302,12 +302,6 @@ RCS_CFG_KEY, SFR_CFG_KEY = 'rcs_cfg', 'sfr_cfg'
 RESCLIP_ATTENTIONS = ('naclip', 'sclip', 'clearclip', 'vanilla')
 
 
-def _check_bool(key: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f'{key} must be True or False, got {value!r}.')
-    return value
-
-
 class ResidualCrossCorrelation:
     """RCS (``apply_rcs``, ``rcs_cfg``): P <- τ_r ((1 - λ_r) P + λ_r A_c) in the dense last
     block (both passes), A_c the per-head mean attention of blocks ``layers``.
@@ -386,12 +380,12 @@ class SemanticFeedback:
         self.weight = check_number(f'{key}.weight', weight, 0, 1)
         self.scale = check_number(f'{key}.scale', scale, 0)
         self.threshold = check_number(f'{key}.threshold', threshold, 0, 1)
-        self.line_decay = _check_bool(f'{key}.line_decay', line_decay)
-        self.exact_line_of_sight = _check_bool(f'{key}.exact_line_of_sight',
+        self.line_decay = check_bool(f'{key}.line_decay', line_decay)
+        self.exact_line_of_sight = check_bool(f'{key}.exact_line_of_sight',
                                                exact_line_of_sight)
         self.blur_std = None if blur_std is None else check_number(
             f'{key}.blur_std', blur_std, 0, low_open=True)
-        self.half_precision_affinity = _check_bool(f'{key}.half_precision_affinity',
+        self.half_precision_affinity = check_bool(f'{key}.half_precision_affinity',
                                                    half_precision_affinity)
         self.recorder = None  # explain(): records pass 1's patch labels
         try:
@@ -432,11 +426,8 @@ class SemanticFeedback:
 
 
 def _build_part(enabled, cfg, key: str, cls: type, switch: str):
-    _check_bool(switch, enabled)
-    if cfg is not None and not isinstance(cfg, dict):
-        raise ValueError(f'{key} must be a dict (docs/config_keys.md), got {cfg!r}.')
-    check_keys(key, cfg or {}, cls)
-    part = cls(**(cfg or {}))  # checked even when off: a typo never passes
+    check_bool(switch, enabled)
+    part = build_checked(key, cfg, cls)  # checked even when off: a typo never passes
     return part if enabled else None
 
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config_checks import check_choice, check_int, check_keys, check_number
+from .config_checks import build_checked, check_bool, check_choice, check_int, check_number
 from .scclip import layer_norm
 from .startup_log import log_enabled
 
@@ -119,10 +119,7 @@ class DistractionFilter(nn.Module):
             raise ValueError(f"{FILTER_KEY}.layers must be 'all' or a list of 0-based block "
                              f'indices (negative from the end), got {layers!r}.')
         self.layers = layers if layers == 'all' else tuple(layers)
-        if not isinstance(shift_by_min, bool):
-            raise ValueError(f'{FILTER_KEY}.shift_by_min must be True or False, got '
-                             f'{shift_by_min!r}.')
-        self.shift_by_min = shift_by_min
+        self.shift_by_min = check_bool(f'{FILTER_KEY}.shift_by_min', shift_by_min)
         self.register_buffer('channel_index', torch.zeros(0, dtype=torch.long), persistent=False)
         self.blocks: Tuple[int, ...] = ()
 
@@ -163,13 +160,9 @@ class DistractionFilter(nn.Module):
 def build_distraction_filter(enabled: bool, cfg: Optional[dict], arch: Optional[str],
                              width: int, num_blocks: int) -> Optional[DistractionFilter]:
     """The filter when ``apply_distraction_filter`` (checked either way), else None."""
-    if not isinstance(enabled, bool):
-        raise ValueError(f'apply_distraction_filter must be True or False, got {enabled!r}.')
-    if cfg is not None and not isinstance(cfg, dict):
-        raise ValueError(f'{FILTER_KEY} must be a dict, e.g. {FILTER_KEY}=dict(sigma=5.0, '
-                         f'alpha=0.4) (docs/config_keys.md), got {cfg!r}.')
-    check_keys(FILTER_KEY, cfg or {}, DistractionFilter)
-    module = DistractionFilter(**(cfg or {}))
+    check_bool('apply_distraction_filter', enabled)
+    module = build_checked(FILTER_KEY, cfg, DistractionFilter,
+                           f', e.g. {FILTER_KEY}=dict(sigma=5.0, alpha=0.4)')
     if not enabled:
         return None
     module.resolve(arch, width, num_blocks)
@@ -272,10 +265,8 @@ class RFCLIPHead(nn.Module):
             raise ValueError(f'{RFCLIP_KEY}.branches must be a non-empty list of distinct '
                              f'names from {list(BRANCHES)}, got {branches!r}.')
         self.branches = tuple(branches)
-        if not isinstance(normalize_propagation, bool):
-            raise ValueError(f'{RFCLIP_KEY}.normalize_propagation must be True or False, got '
-                             f'{normalize_propagation!r}.')
-        self.normalize_propagation = normalize_propagation
+        self.normalize_propagation = check_bool(f'{RFCLIP_KEY}.normalize_propagation',
+                                                normalize_propagation)
         self.kk_blocks: Tuple[int, ...] = ()
 
     def resolve_layers(self, num_blocks: int) -> None:
@@ -306,11 +297,8 @@ class RFCLIPHead(nn.Module):
 
 def build_rfclip(attention: str, cfg: Optional[dict], num_blocks: int) -> Optional[RFCLIPHead]:
     """The head for ``attention='rfclip'``, else None (``rfclip_cfg`` checked either way)."""
-    if cfg is not None and not isinstance(cfg, dict):
-        raise ValueError(f"{RFCLIP_KEY} must be a dict, e.g. {RFCLIP_KEY}=dict(kk_layers='all', "
-                         f'propagation_threshold=0.4) (docs/config_keys.md), got {cfg!r}.')
-    check_keys(RFCLIP_KEY, cfg or {}, RFCLIPHead)
-    head = RFCLIPHead(**(cfg or {}))
+    head = build_checked(RFCLIP_KEY, cfg, RFCLIPHead,
+                         f", e.g. {RFCLIP_KEY}=dict(kk_layers='all', propagation_threshold=0.4)")
     if attention != 'rfclip':
         return None
     head.resolve_layers(num_blocks)
@@ -411,14 +399,9 @@ class TextRefinement(nn.Module):
 
 
 def build_text_refinement(enabled: bool, cfg: Optional[dict]) -> Optional[TextRefinement]:
-    if not isinstance(enabled, bool):
-        raise ValueError(f'apply_text_refinement must be True or False, got {enabled!r}.')
-    if cfg is not None and not isinstance(cfg, dict):
-        raise ValueError(f'{REFINE_KEY} must be a dict, e.g. {REFINE_KEY}=dict('
-                         f'cluster_threshold=0.1, weight=0.03) (docs/config_keys.md), got '
-                         f'{cfg!r}.')
-    check_keys(REFINE_KEY, cfg or {}, TextRefinement)
-    module = TextRefinement(**(cfg or {}))
+    check_bool('apply_text_refinement', enabled)
+    module = build_checked(REFINE_KEY, cfg, TextRefinement,
+                           f', e.g. {REFINE_KEY}=dict(cluster_threshold=0.1, weight=0.03)')
     if not enabled:
         return None
     log_enabled('RF-CLIP text refinement', module.extra_repr())

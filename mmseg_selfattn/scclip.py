@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from mmseg.registry import MODELS
 from torch import Tensor, nn
 
-from .config_checks import check_int, check_keys, check_number
+from .config_checks import build_checked, check_int, check_number
 from .startup_log import log_enabled
 from .stages.outlier_suppression import replace_outliers
 from .stages.vectors import cosine_matrix
@@ -264,11 +264,8 @@ def _block_index(key: str, layer: int, num_blocks: int) -> int:
 def build_scclip(attention: str, cfg: Optional[dict], num_blocks: int) -> Optional[SCCLIPHead]:
     """The SC-CLIP head for ``attention='scclip'`` (layers resolved for the ViT), else None.
     ``scclip_cfg``'s keys and values are checked either way (a typo never passes)."""
-    if cfg is not None and not isinstance(cfg, dict):
-        raise ValueError(f'{CFG_KEY} must be a dict, e.g. {CFG_KEY}=dict(pre_layer=8, '
-                         f'post_layer=3, ...) (docs/config_keys.md), got {cfg!r}.')
-    check_keys(CFG_KEY, cfg or {}, SCCLIPHead)
-    head = SCCLIPHead(**(cfg or {}))
+    head = build_checked(CFG_KEY, cfg, SCCLIPHead,
+                         f', e.g. {CFG_KEY}=dict(pre_layer=8, post_layer=3, ...)')
     if attention != 'scclip':
         return None
     head.resolve_layers(num_blocks)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from mmseg.registry import MODELS
 from torch import Tensor, nn
 
-from ..config_checks import check_number
+from ..config_checks import check_bool, check_number
 from ..startup_log import log_enabled
 from .vectors import cosine_matrix
 
@@ -107,7 +107,7 @@ class SimilarityEnhancement(nn.Module):
         self.weight = check_number(f'{CFG_KEY}.weight', weight, 0, math.inf, high_open=True)
         self.temperature = check_number(f'{CFG_KEY}.temperature', temperature, 0, math.inf,
                                         low_open=True, high_open=True)
-        self.add_self_similarity = _check_bool(f'{CFG_KEY}.add_self_similarity',
+        self.add_self_similarity = check_bool(f'{CFG_KEY}.add_self_similarity',
                                                add_self_similarity)
         self.threshold = None if threshold is None else check_number(
             f'{CFG_KEY}.threshold', threshold, -1, 1)
@@ -142,8 +142,3 @@ def _check_layers(key: str, layer) -> Tuple[int, ...]:
                          f'indices, negative from the end, not the last block), got {layer!r}.')
     return layers
 
-
-def _check_bool(key: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f'{key} must be True or False, got {value!r}.')
-    return value
