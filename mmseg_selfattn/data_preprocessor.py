@@ -30,7 +30,7 @@ class SizeAgnosticSegDataPreProcessor(SegDataPreProcessor):
         data = self.cast_data(data)
         inputs = data['inputs']
         if self.channel_conversion and inputs[0].size(0) == 3:
-            inputs = [image[[2, 1, 0], ...] for image in inputs]
+            inputs = [image.flip(0) for image in inputs]  # BGR <-> RGB, no index tensor
         inputs = [image.float() for image in inputs]
         if self._enable_normalize:
             inputs = [(image - self.mean) / self.std for image in inputs]
