@@ -11,6 +11,7 @@ An explicit value is used as it is. ``MachineAwareTestLoop`` (the configs' test 
 resolves the loader's values when it builds the loader, so mmengine's plain
 ``Runner.from_cfg`` works on the configs.
 """
+import contextlib
 import os
 
 import torch
@@ -71,9 +72,27 @@ def resolve_test_loader(loader: dict, cuda: bool = None) -> dict:
 @LOOPS.register_module()
 class MachineAwareTestLoop(TestLoop):
     """mmengine's ``TestLoop`` whose dataloader cfg may say ``'auto'`` for its
-    ``batch_size`` and ``num_workers`` (``resolve_test_loader``)."""
+    ``batch_size`` and ``num_workers`` (``resolve_test_loader``), and which never waits
+    for the GPU batch by batch: a segmentor with ``finite_checks_deferred`` (ours) checks
+    each batch's probabilities while the next batch runs, the last one before the
+    metrics are computed."""
 
     def __init__(self, runner, dataloader, evaluator, fp16: bool = False):
         if isinstance(dataloader, dict):
             dataloader = resolve_test_loader(dataloader)
         super().__init__(runner, dataloader, evaluator, fp16)
+
+    def run(self) -> dict:
+        deferred = getattr(self._segmentor(), 'finite_checks_deferred', None)
+        with deferred() if deferred is not None else contextlib.nullcontext():
+            return super().run()
+
+    def run_iter(self, idx, data_batch) -> None:
+        super().run_iter(idx, data_batch)
+        if idx == len(self.dataloader) - 1:  # before the metrics (run computes them next)
+            check = getattr(self._segmentor(), 'check_deferred_finite', None)
+            if check is not None:
+                check()
+
+    def _segmentor(self):
+        return getattr(self.runner.model, 'module', self.runner.model)  # distributed wrapper

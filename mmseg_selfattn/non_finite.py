@@ -1,6 +1,6 @@
 """Non-finite outputs traced back to their source: the input pixels, or the first stage
 whose output holds NaN / inf (one image rerun with a check after every stage)."""
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -8,15 +8,17 @@ from torch import Tensor
 
 
 def raise_if_not_finite(engine, finite: Sequence[Tuple[List[int], Tensor]],
-                        images: List[Tensor], metas: List[dict]) -> None:
+                        images: List[Tensor], metas: List[dict],
+                        host_flags: Optional[Tensor] = None) -> None:
     """Raises, naming the first image whose probabilities are not finite and the cause.
 
     Args:
         engine: the ``ImageEngine`` that ran the images.
         finite: (image indices, (n,) bool flags) of every group, read with one host sync.
         images, metas: the batch's images and metas (``img_path`` names an image).
+        host_flags: the flags of ``finite`` already on the host (``PendingFiniteCheck``).
     """
-    flags = (finite[0][1] if len(finite) == 1 else torch.cat([ok for _, ok in finite])).cpu()
+    flags = _all_flags(finite).cpu() if host_flags is None else host_flags
     if bool(flags.all()):
         return
     indices = [index for group, _ in finite for index in group]
@@ -30,6 +32,34 @@ def raise_if_not_finite(engine, finite: Sequence[Tuple[List[int], Tensor]],
     stage = first_non_finite_stage(engine, image, tuple(metas[index]['ori_shape'][:2]))
     raise FloatingPointError(f'{name}: the class probabilities are not finite; the first '
                              f'NaN / inf values come from {stage}.')
+
+
+class PendingFiniteCheck:
+    """``raise_if_not_finite`` of one batch, made later: the flags are copied to pinned
+    host memory behind the batch's GPU work, so queueing the check does not wait for the
+    GPU, and :meth:`check` waits only for that batch (not for work queued after it)."""
+
+    def __init__(self, engine, finite: Sequence[Tuple[List[int], Tensor]],
+                 images: List[Tensor], metas: List[dict]) -> None:
+        self.engine, self.finite, self.images, self.metas = engine, finite, images, metas
+        flags = _all_flags(finite)
+        self.ready = None
+        if flags.is_cuda:
+            self.flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            self.flags.copy_(flags, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.flags = flags
+
+    def check(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+        raise_if_not_finite(self.engine, self.finite, self.images, self.metas, self.flags)
+
+
+def _all_flags(finite: Sequence[Tuple[List[int], Tensor]]) -> Tensor:
+    return finite[0][1] if len(finite) == 1 else torch.cat([ok for _, ok in finite])
 
 
 def first_non_finite_stage(engine, image: Tensor, output_size: Tuple[int, int]) -> str:

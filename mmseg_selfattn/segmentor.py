@@ -2,7 +2,8 @@
 engine, and offers mmseg's ``BaseSegmentor`` surface."""
 import copy
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.structures import PixelData
@@ -18,7 +19,7 @@ from .crop_pipeline import CropPipeline
 from .explain import ImageInput, StageMaps, explain
 from .image_engine import POSTPROCESS_KEYS, ImageEngine, check_postprocess
 from .machine import AUTO, resolve_precision
-from .non_finite import raise_if_not_finite
+from .non_finite import PendingFiniteCheck, raise_if_not_finite
 from .sliding_window import pad_to_patch_multiple
 from .stages import PIPELINE_STAGES
 from .startup_log import log_model_settings
@@ -235,8 +236,35 @@ class SelfAttnCLIPSegmentor(BaseSegmentor):
         for indices, outputs in self.engine.segment_groups(
                 images, [tuple(meta['ori_shape'][:2]) for meta in metas]):
             self.store_predictions(data_samples, indices, outputs, finite)
-        raise_if_not_finite(self.engine, finite, images, metas)
+        if self._pending_finite_checks is None:
+            raise_if_not_finite(self.engine, finite, images, metas)
+        else:  # the previous batch's check, then this one's queued (this batch runs on)
+            self.check_deferred_finite()
+            self._pending_finite_checks.append(
+                PendingFiniteCheck(self.engine, finite, images, metas))
         return data_samples
+
+    _pending_finite_checks: Optional[List[PendingFiniteCheck]] = None
+
+    @contextmanager
+    def finite_checks_deferred(self) -> Iterator[None]:
+        """Within it, ``predict`` does not wait for the GPU to check that a batch's
+        probabilities are finite: the check is queued and made by the next ``predict``
+        (or ``check_deferred_finite``, or the end of the block), so the host prepares
+        the next batch while the GPU works on this one. The same error, one batch later
+        (``MachineAwareTestLoop`` checks the last batch before the metrics)."""
+        self._pending_finite_checks = []
+        try:
+            yield
+            self.check_deferred_finite()
+        finally:
+            self._pending_finite_checks = None
+
+    def check_deferred_finite(self) -> None:
+        """Makes the queued finiteness checks of ``finite_checks_deferred`` now."""
+        pending = self._pending_finite_checks or []
+        while pending:
+            pending.pop(0).check()
 
     def unpad_batch(self, inputs: Tensor, data_samples: Optional[List[SegDataSample]]
                     ) -> Tuple[List[SegDataSample], List[Tensor], List[dict]]:

@@ -143,3 +143,49 @@ def test_groups_bound_column_merged_rows_only_where_the_gpu_kernel_merges(monkey
         assert merge.mosaic_rows == 8 and merge.output_size == (48, 64)
         sizes[name] = [len(indices) for indices, _, _ in groups]
     assert sizes == {'cpu': [2, 2, 2, 2], 'gpu kernel': [8], 'full': [2, 2, 2, 2]}
+
+
+def poison(model, stage='global_debias'):
+    module = getattr(model.pipeline, stage)
+    original = module.forward
+
+    def poisoned(features, *args):
+        features = original(features, *args).clone()
+        features[0, 0, 0] = float('inf')
+        return features
+
+    module.forward = poisoned
+    return lambda: setattr(module, 'forward', original)
+
+
+def test_deferred_checks_raise_the_same_error_at_the_next_batch():
+    """As the test loop runs it: a batch's check is made by the next predict (or at the
+    end of the block), naming the earlier batch's image and the stage."""
+    model = build()
+    images = torch.randn(1, 3, 40, 40)
+    with pytest.raises(FloatingPointError, match=r"bad\.jpg: .* stage 'global_debias'"):
+        with model.finite_checks_deferred():
+            assert len(predict(model, images)) == 1
+            restore = poison(model)
+            model.predict(images, samples_of(images, ['bad.jpg']))  # no error yet
+            predict(model, images)  # raises for the batch before (img0.jpg's comes next)
+    assert model._pending_finite_checks is None  # back to checking every call
+    restore()
+    predict(model, images)
+    poison(model)
+    with pytest.raises(FloatingPointError, match=r'img0\.jpg'):
+        predict(model, images)
+    with pytest.raises(FloatingPointError, match=r'img0\.jpg'):  # the last batch: at the end
+        with model.finite_checks_deferred():
+            predict(model, images)
+
+
+def test_deferred_checks_pass_finite_batches():
+    model = build()
+    images = torch.randn(2, 3, 40, 40)
+    expected = predict(model, images)
+    with model.finite_checks_deferred():
+        for _ in range(3):
+            outputs = predict(model, images)
+    for one, other in zip(expected, outputs):
+        assert torch.equal(one.seg_logits.data, other.seg_logits.data)

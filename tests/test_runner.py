@@ -159,3 +159,21 @@ def test_class_count_mismatch_fails_before_the_first_image(voc_root, tmp_path, r
         assert cfg.custom_hooks == [dict(type='TestSetCheckHook')]
     with pytest.raises(ValueError, match=r'the model has 20 classes .* PascalVOCDataset has 21'):
         Runner.from_cfg(cfg).test()
+
+
+def test_non_finite_last_batch_fails_the_loop_before_the_metrics(voc_root, tmp_path,
+                                                                  monkeypatch):
+    """The test loop checks each batch while the next runs; the last batch's check comes
+    before the metric's final computation, so no mIoU is printed for NaN outputs."""
+    from mmseg_selfattn.metrics import CheckedIoUMetric
+    computed = []
+    monkeypatch.setattr(CheckedIoUMetric, 'compute_metrics',
+                        lambda self, results: computed.append(results) or {})
+    runner = Runner.from_cfg(runner_config(VOC_CONFIG, voc_root, tmp_path))
+    pipeline = runner.model.pipeline
+    original = pipeline.stage_patch_logits  # the query logits of every crop: all NaN
+    pipeline.stage_patch_logits = lambda encoded: original(encoded) * float('nan')
+    with pytest.raises(FloatingPointError,
+                       match=r'2011_000003\.jpg: the class probabilities are not finite'):
+        runner.test()
+    assert computed == [] and runner.model._pending_finite_checks is None
