@@ -100,12 +100,17 @@ class WindowMerge:
         assert self.windows == [(y1, y2, x1, x2) for y1, y2 in self.row_spans
                                 for x1, x2 in self.col_spans], 'windows form a grid'
         # (H', rows * h) and (W', cols * w): upsample, place, average, resize
-        self.row_matrix, self.col_matrix = (
-            self._axis_matrix(spans, size[axis], output_size[axis], axis, device)
+        # built on the CPU and copied: on a GPU, the taps' count would wait for the device
+        row_matrix, col_matrix = (
+            self._axis_matrix(spans, size[axis], output_size[axis], axis, 'cpu')
             for axis, spans in enumerate((self.row_spans, self.col_spans)))
-        self.mosaic_rows = self.row_matrix.shape[1]
-        self._row_taps = _nonzero_taps(self.row_matrix)
-        self._row_taps_cpu = self._row_taps[0].cpu()  # band spans without a device sync
+        self.mosaic_rows = row_matrix.shape[1]
+        row_taps = _nonzero_taps(row_matrix)
+        self._row_taps_cpu = row_taps[0]  # band spans without a device sync
+        self.row_matrix, self.col_matrix, *row_taps = (
+            tensor.to(device, non_blocking=True) for tensor in (row_matrix, col_matrix,
+                                                                *row_taps))
+        self._row_taps = tuple(row_taps)
 
     def _axis_matrix(self, spans, size, output_size, axis, device) -> Tensor:
         grid = self.grid[axis]
